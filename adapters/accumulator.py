@@ -1,0 +1,65 @@
+"""The accumulator adapter of arXiv 2212.04084.
+
+After block l the CLS tokens seen so far, [c_1 .. c_l], are read by a small
+pre-norm attention module together with a learned query token q. Its first
+output token feeds the exit head (early prediction); its last output token
+becomes the CLS token that enters block l+1 (modulation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AccumulatorAdapter(nn.Module):
+    """One attention layer of width `width` over [q; c_1 .. c_l]."""
+
+    def __init__(self, embed_dim: int, max_len: int, width: int = 32, heads: int = 2, mlp_ratio: float = 2.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"adapter-width ({width}) must be divisible by adapter-heads ({heads})")
+        self.query = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # position 0 is the query, 1..max_len the blocks
+        self.pos = nn.Parameter(torch.zeros(1, max_len + 1, width))
+        self.norm_in = nn.LayerNorm(embed_dim)
+        self.down = nn.Linear(embed_dim, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = max(1, int(width * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.up = nn.Linear(width, embed_dim)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        # A zero up-projection makes a fresh adapter the identity on the CLS
+        # token, so training starts from the unmodified pre-trained backbone.
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """history: (B, l, D) CLS tokens of blocks 1..l.
+
+        Returns (summary, new_cls): the query's output token and the last
+        output token, both (B, D).
+        """
+        b, l, _ = history.shape
+        x = torch.cat([self.query.expand(b, -1, -1), history], dim=1)
+        h = self.down(self.norm_in(x)) + self.pos[:, : l + 1]
+        y = self.norm1(h)
+        h = h + self.attn(y, y, y, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        out = x + self.up(h)
+        return out[:, 0], out[:, -1]
+
+
+class ExitHead(nn.Module):
+    """logits_l = Linear(LayerNorm(m_0 + c_l))."""
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.fc = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, summary: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(summary + cls))

@@ -1,0 +1,75 @@
+"""Build the AnytimeViT a run config describes (plain dict in, torch model out)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import BackboneError, load_backbone, num_blocks
+from .model import AnytimeViT
+
+SHIPPED = "shipped"
+SHIPPED_FILE = "vit_micro_patch7_28.fmnist.safetensors"
+
+
+def resolve_weights(value: str) -> str:
+    """'shipped' -> the file in the installed anytime_assets package."""
+    if value != SHIPPED:
+        return value
+    try:
+        path = resources.files("anytime_assets") / SHIPPED_FILE
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not Path(str(path)).is_file():
+        raise BackboneError(
+            "backbone-weights",
+            f"'shipped' weights ({SHIPPED_FILE}) not found; install the project (pip install -e .) "
+            "or set backbone-weights to a file path",
+        )
+    return str(path)
+
+
+def build_model(cfg: dict[str, Any], num_classes: int, seed: int | None = None) -> AnytimeViT:
+    """Backbone (frozen) + adapters + heads; adapters initialised from `seed`."""
+    weights = resolve_weights(cfg["backbone-weights"]) if cfg["backbone-weights"] else ""
+    backbone = load_backbone(
+        cfg["backbone"],
+        weights=weights,
+        pretrained=cfg["pretrained"],
+        img_size=cfg["img-size"] or None,
+        patch_size=cfg["patch-size"] or None,
+    )
+    if cfg["adapter-width"] % cfg["adapter-heads"]:
+        raise BackboneError("adapter-heads", f"must divide adapter-width ({cfg['adapter-width']})")
+    # The same seed on server and clients gives identical fresh adapters, but
+    # clients always load the server's weights anyway; the seed matters for
+    # the server's initial state and reproducibility.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg["seed"] if seed is None else seed)
+        return AnytimeViT(
+            backbone,
+            num_classes,
+            width=cfg["adapter-width"],
+            heads=cfg["adapter-heads"],
+            mlp_ratio=cfg["adapter-mlp-ratio"],
+            shared_adapter=cfg["shared-adapter"],
+        )
+
+
+def input_spec_fields(model: AnytimeViT) -> dict:
+    """in_chans, img_size, mean, std of the backbone, for the data pipeline."""
+    bb = model.backbone
+    pe = bb.patch_embed
+    cfg = getattr(bb, "pretrained_cfg", {}) or {}
+    return {
+        "in_chans": pe.proj.in_channels,
+        "img_size": pe.img_size[0],
+        "mean": tuple(cfg.get("mean", (0.5,))),
+        "std": tuple(cfg.get("std", (0.5,))),
+    }
+
+
+__all__ = ["build_model", "resolve_weights", "input_spec_fields", "num_blocks", "SHIPPED"]

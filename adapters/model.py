@@ -1,0 +1,70 @@
+"""AnytimeViT: a frozen ViT with an accumulator adapter and exit at every block."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .accumulator import AccumulatorAdapter, ExitHead
+
+
+class AnytimeViT(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        width: int = 32,
+        heads: int = 2,
+        mlp_ratio: float = 2.0,
+        shared_adapter: bool = False,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.num_blocks = len(backbone.blocks)
+        dim = backbone.embed_dim
+        make = lambda: AccumulatorAdapter(dim, self.num_blocks, width, heads, mlp_ratio)  # noqa: E731
+        self.shared = shared_adapter
+        if shared_adapter:
+            self.adapter = make()
+        else:
+            self.adapters = nn.ModuleList(make() for _ in range(self.num_blocks))
+        self.heads = nn.ModuleList(ExitHead(dim, num_classes) for _ in range(self.num_blocks))
+        self.num_classes = num_classes
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The backbone is frozen: dropout / drop-path stay off while adapters train.
+        self.backbone.eval()
+        return self
+
+    def adapter_for(self, block: int) -> AccumulatorAdapter:
+        return self.adapter if self.shared else self.adapters[block]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        x = bb.patch_embed(x)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+        """Run blocks 1..depth only; return the logits of exits 1..depth."""
+        depth = self.num_blocks if depth is None else depth
+        if not 1 <= depth <= self.num_blocks:
+            raise ValueError(f"depth must be in 1..{self.num_blocks}, got {depth}")
+        tokens = self.embed(x)
+        history: list[torch.Tensor] = []
+        logits = []
+        for i in range(depth):
+            tokens = self.backbone.blocks[i](tokens)
+            cls = tokens[:, 0]
+            history.append(cls)
+            summary, new_cls = self.adapter_for(i)(torch.stack(history, dim=1))
+            logits.append(self.heads[i](summary, cls))
+            if i + 1 < depth:
+                tokens = torch.cat([new_cls.unsqueeze(1), tokens[:, 1:]], dim=1)
+        return logits
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]

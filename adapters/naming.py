@@ -1,0 +1,29 @@
+"""Names of trainable parameters and the block each belongs to.
+
+Pure Python (no torch) so the server and the strategies can reason about
+which parameters a client of depth d trains without building a model.
+Per-block parameters are named `adapters.<i>.*` and `heads.<i>.*` with i
+counted from 0 for block 1; the shared adapter is `adapter.*` and belongs to
+every depth.
+"""
+
+from __future__ import annotations
+
+
+def param_block(name: str) -> int:
+    """1-based block a trainable parameter belongs to; 0 for shared ones."""
+    parts = name.split(".")
+    if parts[0] in ("adapters", "heads") and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]) + 1
+    if parts[0] == "adapter":
+        return 0
+    raise KeyError(f"not a trainable adapter/head parameter: {name!r}")
+
+
+def names_up_to(names, depth: int) -> list[str]:
+    """The parameters a client that runs blocks 1..depth trains."""
+    return [n for n in names if param_block(n) <= depth]
+
+
+def param_depths(names) -> dict[str, int]:
+    return {n: param_block(n) for n in names}

@@ -1,0 +1,94 @@
+"""anytime-fl ClientApp: train and evaluate the exits this device can run."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
+
+from adapters.state import get_state, set_state, trainable_names
+from adapters.training import TrainSettings, evaluate, train_local
+from anytime_fl.codec import payload_bytes, topk_encode
+from anytime_fl.config import validate
+from anytime_fl.runtime import model_and_spec
+from fedtasks.task import load_partition
+from anytime_fl.records import to_numpy, to_record
+
+from .device import client_depth, partition_of
+
+app = ClientApp()
+
+RESIDUAL = "topk-residual"
+
+
+def _setup(msg: Message, context: Context):
+    cfg = validate(dict(context.run_config))
+    torch.set_num_threads(cfg["client-threads"])
+    model, spec = model_and_spec(cfg)
+    depth = client_depth(dict(context.node_config), cfg, model.num_blocks)
+    pid, n = partition_of(dict(context.node_config))
+    received = to_numpy(msg.content.array_records["arrays"])
+    names = trainable_names(model, depth)
+    missing = [k for k in names if k not in received]
+    if missing:
+        raise ValueError(f"server sent no weights for {len(missing)} parameters of depth {depth}, e.g. {missing[0]}")
+    set_state(model, {k: received[k] for k in names})
+    return cfg, model, spec, depth, pid, n, received
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, model, spec, depth, pid, n, received = _setup(msg, context)
+    train_ds, _ = load_partition(cfg, spec, pid, n)
+    if len(train_ds) == 0:
+        raise ValueError(f"partition {pid} has no training examples")
+    config = msg.content.config_records["config"]
+    server_round = int(config.get("server-round", 0))
+    settings = TrainSettings(
+        epochs=cfg["local-epochs"],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight-decay"],
+        exit_loss=cfg["exit-loss"],
+        distill_weight=cfg["distill-weight"],
+        prox_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + pid * 1_009 + server_round)
+    loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
+    stats = train_local(model, loader, depth, settings)
+
+    new = get_state(model, depth)
+    delta = {k: new[k] - received[k] for k in new}
+    residual = None
+    if RESIDUAL in context.state.array_records:
+        residual = to_numpy(context.state.array_records[RESIDUAL])
+    payload, residual = topk_encode(delta, cfg["topk-fraction"], residual)
+    if cfg["topk-fraction"] < 1.0:
+        # Error feedback: what was not sent this round is added to the next.
+        context.state.array_records[RESIDUAL] = to_record(residual)
+
+    metrics = {
+        "num-examples": len(train_ds),
+        "depth": depth,
+        "partition-id": pid,
+        "bytes-up": payload_bytes(payload),
+        "bytes-down": payload_bytes(received),
+        "dense-bytes": payload_bytes(delta),
+    }
+    for i, loss in enumerate(stats["loss"], start=1):
+        metrics[f"train-loss-{i}"] = float(loss)
+    content = RecordDict({"arrays": to_record(payload), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_exits(msg: Message, context: Context) -> Message:
+    cfg, model, spec, depth, pid, n, _ = _setup(msg, context)
+    _, val_ds = load_partition(cfg, spec, pid, n)
+    metrics: dict = {"num-examples": len(val_ds), "depth": depth}
+    if len(val_ds):
+        res = evaluate(model, DataLoader(val_ds, batch_size=cfg["eval-batch-size"]), depth)
+        for i, (acc, loss) in enumerate(zip(res["accuracy"], res["loss"]), start=1):
+            metrics[f"accuracy-{i}"] = acc
+            metrics[f"loss-{i}"] = loss
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,54 @@
+"""A client's depth budget: how many blocks its device runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anytime_fl.config import ConfigError, parse_tiers
+
+
+def partition_of(node_config: dict[str, Any]) -> tuple[int, int]:
+    try:
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as err:
+        raise ConfigError(
+            f"node-config {err.args[0]}",
+            "missing: start the SuperNode with --node-config \"partition-id=<i> num-partitions=<n>\"",
+        ) from err
+    if not 0 <= pid < n:
+        raise ConfigError("node-config partition-id", f"must be in 0..{n - 1}, got {pid}")
+    return pid, n
+
+
+def tier_of(partition_id: int, num_partitions: int, cfg: dict[str, Any]) -> int:
+    """Index of the tier a partition belongs to under `tier-assignment`."""
+    tiers = parse_tiers(cfg)
+    if cfg["tier-assignment"] == "even":
+        return partition_id % len(tiers)
+    fractions = [float(s) for s in str(cfg["tier-assignment"]).split(",")]
+    if len(fractions) != len(tiers):
+        raise ConfigError("tier-assignment", f"has {len(fractions)} fractions for {len(tiers)} tiers")
+    # Contiguous blocks of partition ids per tier, sized by the fractions.
+    edge = 0.0
+    for i, f in enumerate(fractions):
+        edge += f * num_partitions
+        if partition_id < round(edge):
+            return i
+    return len(tiers) - 1
+
+
+def client_depth(node_config: dict[str, Any], cfg: dict[str, Any], num_blocks: int) -> int:
+    """The node's own `max-depth` wins; otherwise its tier's depth."""
+    if "max-depth" in node_config:
+        try:
+            depth = int(node_config["max-depth"])
+        except (TypeError, ValueError):
+            raise ConfigError("node-config max-depth", f"must be an integer, got {node_config['max-depth']!r}")
+        if not 1 <= depth <= num_blocks:
+            raise ConfigError("node-config max-depth", f"must be in 1..{num_blocks}, got {depth}")
+        return depth
+    pid, n = partition_of(node_config)
+    depth = parse_tiers(cfg)[tier_of(pid, n, cfg)]
+    if not 1 <= depth <= num_blocks:
+        raise ConfigError("tiers", f"depth {depth} is outside 1..{num_blocks}")
+    return depth

@@ -1,0 +1,1 @@
+"""Federated tasks: the data sets anytime-fl trains on."""

@@ -1,0 +1,67 @@
+"""What every federated task provides, and the shared tensor plumbing.
+
+A task turns its source (hub or local files) into a Hugging Face `Dataset`
+with `image` (array) and `label` columns, partitions the training split with
+a Flower Datasets partitioner, and hands out tensors already brought to the
+backbone's input (channels, size, normalisation) so clients do that work once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+
+class DataError(ValueError):
+    """A missing or malformed dataset; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The backbone's input: what every image is brought to."""
+
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+def to_backbone(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """(N,H,W) or (N,H,W,C) or (N,C,H,W) pixels in [0,1] -> normalised (N,C,S,S) float32."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != spec.in_chans:
+        # grey -> RGB repeats the channel; RGB -> grey averages (ITU weights matter little here)
+        x = x.mean(1, keepdim=True).expand(-1, spec.in_chans, -1, -1) if spec.in_chans in (1, 3) else None
+        if x is None:
+            raise DataError(f"cannot bring images to {spec.in_chans} channels")
+        x = x.contiguous()
+    if x.shape[-2:] != (spec.img_size, spec.img_size):
+        x = F.interpolate(x, size=(spec.img_size, spec.img_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(_per_channel(spec.mean, spec.in_chans)).view(1, -1, 1, 1)
+    std = torch.tensor(_per_channel(spec.std, spec.in_chans)).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def _per_channel(values, n):
+    values = tuple(values)
+    return values * n if len(values) == 1 else values[:n] if len(values) >= n else (sum(values) / len(values),) * n
+
+
+def tensors(images: np.ndarray, labels: np.ndarray, spec: InputSpec) -> TensorDataset:
+    return TensorDataset(to_backbone(images, spec), torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-seed train/validation split of range(n); validation may be empty."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    n_val = min(n_val, n - 1) if n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

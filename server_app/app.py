@@ -1,0 +1,152 @@
+"""anytime-fl ServerApp: build the adapter state and strategy, run the rounds."""
+
+from __future__ import annotations
+
+import random
+import time
+from logging import ERROR, INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from adapters.backbone import BackboneError
+from adapters.state import get_state
+from anytime_fl.config import ConfigError, check_depths, validate
+from anytime_fl.records import to_numpy, to_record
+from anytime_fl.runtime import model_and_spec
+from fedtasks.base import DataError
+from fedtasks.task import load_test
+from strategies.registry import STRATEGIES, build_strategy
+
+from . import checkpoint, results
+from .evaluation import ServerEvaluator
+from .rundir import open_run_dir
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        run(grid, dict(context.run_config))
+    except (ConfigError, BackboneError, DataError, FileNotFoundError) as err:
+        # A configuration or data problem: one clear line, not a traceback.
+        log(ERROR, "anytime-fl stopped: %s", err)
+        raise SystemExit(2) from None
+
+
+def run(grid: Grid, user_cfg: dict) -> Path:
+    cfg = validate(user_cfg)
+    if cfg["strategy"] not in STRATEGIES:
+        raise ConfigError("strategy", f"unknown strategy {cfg['strategy']!r}; known: {', '.join(sorted(STRATEGIES))}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, spec = model_and_spec(cfg)
+    check_depths(cfg, model.num_blocks)
+    test_set = load_test(cfg, spec)
+    run_dir, resumed = open_run_dir(cfg)
+
+    strategy = build_strategy(
+        cfg["strategy"],
+        fraction_train=cfg["fraction-train"],
+        fraction_evaluate=cfg["fraction-evaluate"],
+        min_nodes=cfg["min-nodes"],
+    )
+    arrays = get_state(model)
+    start = 1
+    if resumed is not None:
+        arrays = resumed["arrays"]
+        strategy.load_state_dict(resumed["strategy"])
+        checkpoint.restore_rng(resumed["rng"])
+        start = resumed["round"] + 1
+        results.truncate_after(run_dir, resumed["round"])
+        log(INFO, "Resuming %s after round %d", run_dir, resumed["round"])
+    else:
+        random.seed(cfg["seed"])
+        np.random.seed(cfg["seed"])
+
+    evaluator = ServerEvaluator(model, test_set, cfg["eval-batch-size"])
+    sizes = model_sizes(model, arrays)
+    log(INFO, "anytime-fl: %s, %d blocks, exits at every block, tiers %s; %d adapter/head parameters (%.1f%% of the model)",
+        cfg["backbone"], model.num_blocks, cfg["tiers"], sizes["adapter-params"], 100 * sizes["adapter-fraction"])
+    log(INFO, "Writing results to %s", run_dir)
+
+    num_rounds = cfg["num-server-rounds"]
+    for server_round in range(start, num_rounds + 1):
+        t0 = time.time()
+        record = to_record(arrays)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, record, ConfigRecord(), grid), timeout=cfg["round-timeout"]
+        )
+        replies = list(replies)
+        new_record, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_record is not None:
+            arrays = to_numpy(new_record)
+        stats = dict(strategy.last_round)
+        eval_metrics = None
+        if cfg["fraction-evaluate"] > 0:
+            eval_replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
+                timeout=cfg["round-timeout"],
+            )
+            eval_metrics = strategy.aggregate_evaluate(server_round, list(eval_replies))
+        server_eval = evaluator(arrays)
+        row = round_row(server_round, time.time() - t0, server_eval, stats, train_metrics, eval_metrics, replies, sizes)
+        results.append_row(run_dir, row)
+        log(INFO, format_round(row, num_rounds))
+        if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
+            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), {"run-dir": str(run_dir)})
+
+    path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
+    log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)
+    return run_dir
+
+
+def model_sizes(model, arrays) -> dict:
+    adapter = int(sum(a.size for a in arrays.values()))
+    backbone = int(sum(p.numel() for p in model.backbone.parameters()))
+    return {
+        "adapter-params": adapter,
+        "adapter-fraction": adapter / (adapter + backbone),
+        "dense-adapter-bytes": 4 * adapter,
+        # What one client would send per round if it fine-tuned every weight.
+        "full-finetune-bytes": 4 * (adapter + backbone),
+    }
+
+
+def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_metrics, replies, sizes) -> dict:
+    per_client = []
+    for msg in replies:
+        if msg.has_error():
+            continue
+        m = msg.content.metric_records["metrics"]
+        per_client.append({k: m[k] for k in ("partition-id", "depth", "num-examples", "bytes-up", "bytes-down", "dense-bytes") if k in m})
+    depth_counts: dict[str, int] = {}
+    for d in stats.get("depths", []):
+        depth_counts[str(d)] = depth_counts.get(str(d), 0) + 1
+    return {
+        "round": server_round,
+        "seconds": round(seconds, 3),
+        "server": server_eval,
+        "clients": stats.get("clients", 0),
+        "dropped": stats.get("dropped", 0),
+        "clients-per-depth": dict(sorted(depth_counts.items(), key=lambda kv: int(kv[0]))),
+        "bytes-up": sum(c.get("bytes-up", 0) for c in per_client),
+        "bytes-down": sum(c.get("bytes-down", 0) for c in per_client),
+        "dense-adapter-bytes": sizes["dense-adapter-bytes"],
+        "full-finetune-bytes": sizes["full-finetune-bytes"],
+        "per-client": per_client,
+        "train": dict(train_metrics) if train_metrics is not None else {},
+        "federated-eval": dict(eval_metrics) if eval_metrics is not None else {},
+    }
+
+
+def format_round(row: dict, num_rounds: int) -> str:
+    accs = " ".join(f"{a:.2f}" for a in row["server"]["accuracy"])
+    tiers = " ".join(f"d{d}:{n}" for d, n in row["clients-per-depth"].items())
+    return (f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
+            f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
+            f"down {row['bytes-down'] / 1e6:.2f} MB | {row['seconds']:.1f}s")

@@ -1,0 +1,20 @@
+"""Centralised evaluation of the global adapters at every exit."""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from adapters.state import set_state
+from adapters.training import evaluate
+
+
+class ServerEvaluator:
+    def __init__(self, model, test_set, batch_size: int):
+        self.model = model
+        self.loader = DataLoader(test_set, batch_size=batch_size)
+
+    def __call__(self, arrays) -> dict:
+        set_state(self.model, arrays)
+        res = evaluate(self.model, self.loader)
+        return {"accuracy": [round(a, 4) for a in res["accuracy"]], "loss": [round(l, 4) for l in res["loss"]],
+                "num-examples": res["num_examples"]}

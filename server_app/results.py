@@ -1,0 +1,67 @@
+"""The run directory: config, per-round results (JSON lines + CSV), weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+RESULTS = "results.jsonl"
+CSV = "results.csv"
+WEIGHTS = "adapters.safetensors"
+
+
+def flatten(row: dict, prefix: str = "") -> dict:
+    """{'server': {'accuracy': [..]}} -> {'server-accuracy-1': ..} for the CSV."""
+    out = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "-"))
+        elif isinstance(v, list):
+            for i, x in enumerate(v, start=1):
+                out[f"{key}-{i}"] = x
+        else:
+            out[key] = v
+    return out
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_row(run_dir: Path, row: dict) -> None:
+    with open(Path(run_dir) / RESULTS, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    write_csv(run_dir)
+
+
+def truncate_after(run_dir: Path, server_round: int) -> None:
+    """Drop rows past a checkpoint's round (they are re-run on resume)."""
+    rows = [r for r in read_rows(run_dir) if r["round"] <= server_round]
+    (Path(run_dir) / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_csv(run_dir)
+
+
+def write_csv(run_dir: Path) -> None:
+    flat = [flatten(r) for r in read_rows(run_dir)]
+    if not flat:
+        return
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with open(Path(run_dir) / CSV, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(flat)
+
+
+def save_weights(run_dir: Path, arrays: dict[str, np.ndarray], metadata: dict) -> Path:
+    path = Path(run_dir) / WEIGHTS
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in metadata.items()})
+    return path

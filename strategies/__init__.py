@@ -1,0 +1,1 @@
+"""Server-side aggregation of adapter and exit-head weights (numpy arrays only)."""
