@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs anytime-fl and everything it needs into the current Python.
+# torch goes first and is then pinned by a constraint file: any looser
+# requirement lets pip replace a CPU build with a multi-GB CUDA one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# Offline data for the default run (Fashion-MNIST backs the shipped
+# pre-training; optional: the default federated task ships with scikit-learn).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \
+        || echo "install.sh: dataset-fashion-mnist not installed (only needed to re-run pre-training)" >&2
+fi
+
+# TORCH_SPEC lets a user pick another build, e.g. a CUDA one on a GPU machine.
+"$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+constraints=$(mktemp)
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+"$PY" -m pip install --quiet -c "$constraints" -e ".[test]"
+rm -f "$constraints"
+"$PY" -c "import torch, flwr, timm; print(f'anytime-fl installed: torch {torch.__version__}, flwr {flwr.__version__}, timm {timm.__version__}')"

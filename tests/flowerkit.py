@@ -1,0 +1,35 @@
+"""Hand-built Flower messages and contexts for calling the apps directly."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from anytime_fl.records import to_record
+
+# Flower stamps every Message with the identity of the running task; outside
+# a real run nobody has set it.
+for _attr in ("run_id", "node_id", "task_id"):
+    setattr(TaskIdentity, _attr, 1)
+
+TINY = {"backbone-weights": "", "local-epochs": 1, "batch-size": 16}
+
+
+def context(node_config: dict, run_config: dict, node_id: int = 1) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config=dict(run_config))
+
+
+def train_message(arrays: dict[str, np.ndarray], server_round: int = 1, node_id: int = 1, **config) -> Message:
+    content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord({"server-round": server_round, **config})})
+    return Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+
+def reply(arrays: dict[str, np.ndarray], num_examples: int, depth: int, node_id: int) -> Message:
+    """A client's train reply as the strategy receives it."""
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": num_examples, "depth": depth})})
+    msg = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    # Replies come from the node; Flower's Metadata has no public setter.
+    msg.metadata.__dict__["_src_node_id"] = node_id
+    return msg

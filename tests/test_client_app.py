@@ -1,0 +1,54 @@
+"""The ClientApp's train reply: only the adapters/heads of blocks 1..d."""
+
+import numpy as np
+import pytest
+
+from adapters.naming import param_block
+from adapters.state import get_state
+from anytime_fl.config import validate
+from anytime_fl.records import to_numpy
+from anytime_fl.runtime import model_and_spec
+from client_app.app import evaluate_exits, train
+from tests.flowerkit import TINY, context, train_message
+
+
+@pytest.fixture(scope="module")
+def global_state():
+    model, _ = model_and_spec(validate(TINY))
+    return get_state(model)
+
+
+@pytest.mark.parametrize("depth", [3, 9])
+def test_reply_holds_exactly_the_parameters_of_blocks_up_to_depth(global_state, depth):
+    ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": depth}, TINY)
+    out = train(train_message(global_state), ctx)
+    sent = to_numpy(out.content.array_records["arrays"])
+    expected = {k for k in global_state if param_block(k) <= depth}
+    assert set(sent) == expected
+    assert not any(k.startswith("backbone") for k in sent)
+    metrics = out.content.metric_records["metrics"]
+    assert metrics["depth"] == depth and metrics["num-examples"] > 0
+    assert [k for k in metrics if k.startswith("train-loss-")] == [f"train-loss-{i}" for i in range(1, depth + 1)]
+    # what is sent is the change of the weights, and it is not all zero
+    assert any(np.abs(v).max() > 0 for v in sent.values())
+
+
+def test_topk_reply_sends_indices_and_values_not_dense_zeros(global_state):
+    cfg = {**TINY, "topk-fraction": 0.1}
+    ctx = context({"partition-id": 0, "num-partitions": 4, "max-depth": 3}, cfg)
+    out = train(train_message(global_state), ctx)
+    sent = to_numpy(out.content.array_records["arrays"])
+    assert all(k.endswith(("@idx", "@val")) for k in sent)
+    dense = sum(v.size for k, v in global_state.items() if param_block(k) <= 3)
+    assert sum(v.size for k, v in sent.items() if k.endswith("@val")) <= 0.1 * dense + len(sent)
+    assert "topk-residual" in ctx.state.array_records  # error feedback kept for next round
+
+
+def test_evaluate_reports_every_exit_of_the_client(global_state):
+    ctx = context({"partition-id": 2, "num-partitions": 4, "max-depth": 6}, TINY)
+    msg = train_message(global_state)
+    out = evaluate_exits(msg, ctx)
+    m = out.content.metric_records["metrics"]
+    assert {f"accuracy-{i}" for i in range(1, 7)} <= set(m)
+    assert "accuracy-7" not in m
+    assert all(0.0 <= m[f"accuracy-{i}"] <= 1.0 for i in range(1, 7))

@@ -1,0 +1,67 @@
+"""Run-config schema: defaults in step with pyproject and README, validation names the key."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from anytime_fl.config import KEYS, ConfigError, check_depths, defaults, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def test_pyproject_defaults_match_the_schema():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == defaults()
+
+
+def test_every_key_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k.name for k in KEYS if f"`{k.name}`" not in readme]
+    assert not missing, f"README lacks: {missing}"
+
+
+def test_defaults_validate():
+    assert validate({}) == defaults()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"tiers": "3,x"}, "tiers"),
+        ({"tiers": "0,6"}, "tiers"),
+        ({"tier-assignment": "0.5,0.2"}, "tier-assignment"),
+        ({"exit-loss": "max"}, "exit-loss"),
+        ({"lr": "fast"}, "lr"),
+        ({"topk-fraction": 0}, "topk-fraction"),
+        ({"num-server-round": 3}, "num-server-round"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(override)
+    assert err.value.key == key
+    assert f"'{key}'" in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean 'num-server-rounds'"):
+        validate({"num-server-round": 3})
+
+
+def test_ints_are_accepted_for_floats_but_not_bools_for_ints():
+    assert validate({"lr": 1})["lr"] == 1.0
+    with pytest.raises(ConfigError):
+        validate({"local-epochs": True})
+
+
+def test_depth_beyond_the_backbone_names_tiers():
+    with pytest.raises(ConfigError, match="'tiers'.*outside 1..12"):
+        check_depths(validate({"tiers": "3,6,13"}), 12)

@@ -1,0 +1,65 @@
+"""Depth-aware FedAvg on hand-made updates from clients of different depth."""
+
+import numpy as np
+
+from anytime_fl.records import to_numpy, to_record
+from strategies.depth_fedavg import DepthAwareFedAvg
+from tests.flowerkit import reply
+
+GLOBAL = {
+    "adapters.0.w": np.array([1.0, 1.0], np.float32),
+    "heads.0.w": np.array([0.0, 0.0], np.float32),
+    "adapters.1.w": np.array([5.0, 5.0], np.float32),
+    "heads.2.w": np.array([7.0, -7.0], np.float32),  # nobody trains block 3
+}
+
+
+def _strategy():
+    s = DepthAwareFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=1)
+    s.global_arrays = {k: v.copy() for k, v in GLOBAL.items()}
+    return s
+
+
+def test_each_parameter_is_averaged_over_the_clients_that_sent_it():
+    replies = [
+        # depth 1, 10 examples: deltas for block 1 only
+        reply({"adapters.0.w": np.array([1.0, 0.0], np.float32), "heads.0.w": np.array([2.0, 2.0], np.float32)}, 10, 1, 11),
+        # depth 2, 30 examples: blocks 1 and 2
+        reply({"adapters.0.w": np.array([-1.0, 4.0], np.float32), "heads.0.w": np.array([6.0, 2.0], np.float32),
+               "adapters.1.w": np.array([3.0, -3.0], np.float32)}, 30, 2, 12),
+    ]
+    arrays, metrics = _strategy().aggregate_train(1, replies)
+    new = to_numpy(arrays)
+    # block 1: weights 10 and 30
+    np.testing.assert_allclose(new["adapters.0.w"], GLOBAL["adapters.0.w"] + (10 * np.array([1, 0]) + 30 * np.array([-1, 4])) / 40)
+    np.testing.assert_allclose(new["heads.0.w"], (10 * np.array([2, 2]) + 30 * np.array([6, 2])) / 40)
+    # block 2: only the depth-2 client sent it, so its delta applies in full
+    np.testing.assert_allclose(new["adapters.1.w"], GLOBAL["adapters.1.w"] + np.array([3, -3]))
+    # block 3: nobody sent it, it keeps its value, and the full state comes back
+    np.testing.assert_array_equal(new["heads.2.w"], GLOBAL["heads.2.w"])
+    assert set(new) == set(GLOBAL)
+    assert metrics["num-examples"] == 40
+
+
+def test_an_update_beyond_the_clients_depth_is_dropped():
+    bad = reply({"adapters.1.w": np.array([100.0, 100.0], np.float32)}, 10, 1, 13)
+    good = reply({"adapters.0.w": np.array([1.0, 1.0], np.float32)}, 10, 1, 14)
+    s = _strategy()
+    arrays, _ = s.aggregate_train(1, [bad, good])
+    new = to_numpy(arrays)
+    np.testing.assert_array_equal(new["adapters.1.w"], GLOBAL["adapters.1.w"])
+    assert s.last_round["dropped"] == 1 and s.last_round["clients"] == 1
+
+
+def test_downlink_is_trimmed_to_a_known_node_depth():
+    s = _strategy()
+    s.aggregate_train(1, [reply({"adapters.0.w": np.zeros(2, np.float32)}, 5, 1, 21)])
+
+    class G:
+        def get_node_ids(self):
+            return [21]
+
+    from flwr.app import ConfigRecord
+
+    msgs = list(s.configure_train(2, to_record(GLOBAL), ConfigRecord(), G()))
+    assert set(msgs[0].content.array_records["arrays"].keys()) == {"adapters.0.w", "heads.0.w"}
