@@ -3,15 +3,26 @@
 Clients of depth d send deltas for the adapter/head parameters of blocks
 1..d only. Flower's FedAvg requires identical keys in every reply, so
 aggregation is per parameter over the clients that sent it; a parameter no
-client sent keeps its global value. Subclasses change how deltas are
-combined (`reduce`) or applied (`server_update`).
+client sent keeps its global value (and any optimiser state of it stays as
+it was). Subclasses change how deltas are combined (`reduce`) or applied
+(`server_update`), keep per-parameter state in `self.slots`, and read their
+hyper-parameters from the run config in `config_kwargs`.
+
+What is reused from Flower: the Strategy/FedAvg plumbing (sampling,
+`start`, summary). What is not: FedAvg's `aggregate_train` and the
+aggregation of Flower's FedAvgM/FedAdam/FedYogi/FedProx/FedMedian/
+FedTrimmedAvg, which all start from `aggregate_arrayrecords` and so reject
+replies whose keys differ (see DESIGN.md); their rules are a few lines each
+on one parameter's deltas, restated in the subclasses.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -21,16 +32,41 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from adapters.naming import param_block
-from anytime_fl.codec import CodecError, decode, payload_bytes
+from anytime_fl.codec import CodecError, decode, is_packed, payload_bytes
+from anytime_fl.config import parse_tier_names, parse_tiers
 from anytime_fl.records import to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
 
 
+@dataclass
+class Update:
+    """One accepted client update, decoded to dense deltas."""
+
+    node: int
+    deltas: dict[str, np.ndarray]
+    weight: float
+    depth: int
+    nbytes: int
+    content: RecordDict
+
+
 class DepthAwareFedAvg(FedAvg):
     """Per-parameter weighted average over the clients that trained it."""
 
-    def __init__(self, *, fraction_train=0.5, fraction_evaluate=0.5, min_nodes=2, **kwargs):
+    default_server_lr = 1.0
+    slots: tuple[str, ...] = ()  # names of per-parameter optimiser state
+
+    def __init__(
+        self,
+        *,
+        fraction_train: float = 0.5,
+        fraction_evaluate: float = 0.5,
+        min_nodes: int = 2,
+        server_lr: float | None = None,
+        tier_names: dict[int, str] | None = None,
+        **kwargs,
+    ):
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -40,28 +76,62 @@ class DepthAwareFedAvg(FedAvg):
             weighted_by_key=WEIGHT_KEY,
             **kwargs,
         )
+        self.server_lr = float(server_lr) if server_lr else self.default_server_lr
+        self.tier_names = dict(tier_names or {})
         self.global_arrays: dict[str, np.ndarray] = {}
         self.node_depth: dict[int, int] = {}  # learnt from replies; trims the downlink
         self.last_round: dict = {}
+        self.state: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self.slots}
+
+    # -- construction from the run config ------------------------------------
+    @classmethod
+    def config_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from a validated run config; subclasses add theirs."""
+        depths = parse_tiers(cfg)
+        names = parse_tier_names(cfg) or [f"depth-{d}" for d in depths]
+        return {
+            "fraction_train": cfg["fraction-train"],
+            "fraction_evaluate": cfg["fraction-evaluate"],
+            "min_nodes": cfg["min-nodes"],
+            "server_lr": cfg["server-lr"],
+            "tier_names": dict(zip(depths, names)),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "DepthAwareFedAvg":
+        return cls(**cls.config_kwargs(cfg))
 
     # -- hooks for subclasses -------------------------------------------------
     def reduce(self, name: str, deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        """One parameter's combined delta from those of its senders."""
         w = np.asarray(weights, dtype=np.float64)
-        return (np.tensordot(w / w.sum(), np.stack(deltas).astype(np.float64), axes=1)).astype(np.float32)
+        return np.tensordot(w / w.sum(), np.stack(deltas).astype(np.float64), axes=1).astype(np.float32)
 
     def server_update(self, name: str, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        return current + delta
+        """The parameter's new global value; only called for parameters someone sent."""
+        return current + self.server_lr * delta
 
     def extra_train_config(self) -> dict:
         """Keys added to every train message's config (e.g. FedProx's mu)."""
         return {}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Server-side optimiser state to checkpoint (none for FedAvg)."""
-        return {}
+        """Server-side optimiser state to checkpoint: `<slot>/<parameter>` -> array."""
+        return {f"{slot}/{name}": np.asarray(v) for slot in self.slots for name, v in self.state[slot].items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        pass
+        self.state = {slot: {} for slot in self.slots}
+        foreign = []
+        for key, value in state.items():
+            slot, _, name = key.partition("/")
+            if slot in self.state and name:
+                self.state[slot][name] = np.array(value)
+            else:
+                foreign.append(key)
+        if foreign:
+            # A checkpoint of another strategy: its state means nothing here.
+            log(WARNING, "%s ignores %d checkpointed state arrays it does not keep, e.g. %s",
+                type(self).__name__, len(foreign), foreign[0])
 
     # -- Flower Strategy API --------------------------------------------------
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids, message_type) -> list[Message]:
@@ -96,20 +166,33 @@ class DepthAwareFedAvg(FedAvg):
         config = ConfigRecord({**dict(config), "server-round": server_round})
         return self._messages(arrays, config, nodes, MessageType.EVALUATE)
 
+    def max_depth(self) -> int:
+        return max((param_block(k) for k in self.global_arrays), default=0)
+
     def check_update(self, content: RecordDict) -> tuple[dict[str, np.ndarray], float, int]:
         """Decode and validate one reply; raises ValueError with the reason."""
         metrics = content.metric_records.get("metrics")
         if metrics is None or WEIGHT_KEY not in metrics:
             raise ValueError(f"no '{WEIGHT_KEY}' metric")
-        weight = float(metrics[WEIGHT_KEY])
-        if not weight > 0:
-            raise ValueError(f"'{WEIGHT_KEY}' must be > 0, got {weight}")
-        depth = int(metrics.get("depth", 0))
+        weight = metrics[WEIGHT_KEY]
+        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or not weight > 0:
+            raise ValueError(f"'{WEIGHT_KEY}' must be a finite number > 0, got {weight!r}")
+        depth = metrics.get("depth")
+        limit = self.max_depth()
+        if not isinstance(depth, (int, float)) or not np.isfinite(depth) or depth != int(depth) or not 1 <= depth <= limit:
+            raise ValueError(f"'depth' must be an integer in 1..{limit}, got {depth!r}")
+        depth = int(depth)
         if "arrays" not in content.array_records:
             raise ValueError("no 'arrays' record")
-        shapes = {k: v.shape for k, v in self.global_arrays.items()}
         try:
-            deltas = decode(to_numpy(content.array_records["arrays"]), shapes)
+            payload = to_numpy(content.array_records["arrays"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"unreadable arrays: {err}") from err
+        shapes = {k: v.shape for k, v in self.global_arrays.items()}
+        # A sparse update covers exactly the parameters of blocks 1..depth.
+        layout = [k for k in shapes if param_block(k) <= depth] if is_packed(payload) else None
+        try:
+            deltas = decode(payload, shapes, layout)
         except CodecError as err:
             raise ValueError(str(err)) from err
         for name, d in deltas.items():
@@ -117,12 +200,11 @@ class DepthAwareFedAvg(FedAvg):
                 raise ValueError(f"{name} belongs to block {param_block(name)}, beyond the client's depth {depth}")
             if not np.all(np.isfinite(d)):
                 raise ValueError(f"{name} has non-finite values")
-        return deltas, weight, depth
+        return deltas, float(weight), depth
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        per_name: dict[str, list[tuple[np.ndarray, float]]] = defaultdict(list)
-        depths, bytes_up, dropped = [], 0, []
-        good = []
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[Update]:
+        """The replies that pass `check_update`; the others are logged and dropped."""
+        good, dropped = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -133,25 +215,55 @@ class DepthAwareFedAvg(FedAvg):
             except ValueError as err:
                 dropped.append((node, str(err)))
                 continue
-            self.node_depth[node] = depth
-            bytes_up += payload_bytes(to_numpy(msg.content.array_records["arrays"]))
-            depths.append(depth)
-            good.append(msg.content)
-            for name, d in deltas.items():
-                per_name[name].append((d, weight))
+            nbytes = payload_bytes(to_numpy(msg.content.array_records["arrays"]))
+            good.append(Update(node, deltas, weight, depth, nbytes, msg.content))
         for node, reason in dropped:
             log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node, reason)
-        self.last_round = {"clients": len(good), "dropped": len(dropped), "depths": depths, "bytes-up": bytes_up}
-        if not good:
+        self.last_round = {"dropped": len(dropped), "dropped-reasons": [r for _, r in dropped]}
+        return good
+
+    def tier_label(self, depth: int) -> str:
+        return self.tier_names.get(depth, f"depth-{depth}")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        updates = self.accept(server_round, replies)
+        for u in updates:
+            self.node_depth[u.node] = u.depth
+        per_tier = Counter(self.tier_label(u.depth) for u in updates)
+        tiers = {self.tier_label(d): per_tier.get(self.tier_label(d), 0) for d in sorted(self.tier_names)}
+        tiers.update(sorted(per_tier.items()))  # depths outside the tiers (node max-depth)
+        self.last_round.update({
+            "clients": len(updates),
+            "depths": [u.depth for u in updates],
+            "bytes-up": sum(u.nbytes for u in updates),
+            "clients-per-tier": tiers,
+        })
+        log(INFO, "round %d: %d updates, per tier: %s", server_round, len(updates),
+            ", ".join(f"{k} {v}" for k, v in tiers.items()) or "none")
+        if not updates:
             return None, None
+        return to_record(self.apply(updates)), aggregate_partial_metrics([u.content for u in updates])
+
+    def apply(self, updates: list[Update]) -> dict[str, np.ndarray]:
+        """The new global arrays: every parameter someone sent moves, the rest stay."""
+        per_name: dict[str, list[tuple[np.ndarray, float]]] = defaultdict(list)
+        for u in updates:
+            for name, d in u.deltas.items():
+                per_name[name].append((d, u.weight))
         new = dict(self.global_arrays)
         for name, items in per_name.items():
             delta = self.reduce(name, [d for d, _ in items], [w for _, w in items])
-            new[name] = self.server_update(name, self.global_arrays[name], delta).astype(np.float32)
-        return to_record(new), aggregate_partial_metrics(good)
+            new[name] = np.asarray(self.server_update(name, self.global_arrays[name], delta), dtype=np.float32)
+        return new
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        good = [m.content for m in replies if not m.has_error()]
+        good = []
+        for m in replies:
+            if m.has_error() or "metrics" not in m.content.metric_records:
+                continue
+            w = m.content.metric_records["metrics"].get(WEIGHT_KEY)
+            if isinstance(w, (int, float)) and np.isfinite(w) and w >= 0:
+                good.append(m.content)
         return aggregate_partial_metrics(good) if good else None
 
 

@@ -33,14 +33,16 @@ def test_reply_holds_exactly_the_parameters_of_blocks_up_to_depth(global_state, 
     assert any(np.abs(v).max() > 0 for v in sent.values())
 
 
-def test_topk_reply_sends_indices_and_values_not_dense_zeros(global_state):
+def test_topk_reply_sends_packed_entries_not_dense_zeros(global_state):
     cfg = {**TINY, "topk-fraction": 0.1}
     ctx = context({"partition-id": 0, "num-partitions": 4, "max-depth": 3}, cfg)
     out = train(train_message(global_state), ctx)
     sent = to_numpy(out.content.array_records["arrays"])
-    assert all(k.endswith(("@idx", "@val")) for k in sent)
-    dense = sum(v.size for k, v in global_state.items() if param_block(k) <= 3)
-    assert sum(v.size for k, v in sent.items() if k.endswith("@val")) <= 0.1 * dense + len(sent)
+    assert set(sent) <= {"@mask", "@gaps", "@values"} and "@values" in sent
+    trained = [v.size for k, v in global_state.items() if param_block(k) <= 3]
+    assert sent["@values"].size <= 0.1 * sum(trained) + len(trained)  # ceil per tensor
+    m = out.content.metric_records["metrics"]
+    assert m["bytes-up"] <= 0.1 * m["dense-bytes"]
     assert "topk-residual" in ctx.state.array_records  # error feedback kept for next round
 
 
