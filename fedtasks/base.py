@@ -59,6 +59,15 @@ def tensors(images: np.ndarray, labels: np.ndarray, spec: InputSpec) -> TensorDa
     return TensorDataset(to_backbone(images, spec), torch.as_tensor(np.asarray(labels), dtype=torch.long))
 
 
+def column(ds, name: str) -> np.ndarray:
+    """One column of a Hugging Face Dataset as an array, in one read.
+
+    Indexing a `datasets` 4 Dataset by name gives a lazy Column whose
+    iteration reads row by row; this reads only that column, at once.
+    """
+    return np.asarray(ds.select_columns([name]).with_format("numpy")[:][name])
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed-seed train/validation split of range(n); validation may be empty."""
     order = np.random.default_rng(seed).permutation(n)

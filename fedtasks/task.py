@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -10,7 +9,9 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, Partitioner
 from torch.utils.data import Subset, TensorDataset
 
-from .base import InputSpec, split_indices, tensors
+from anytime_fl.config import ConfigError
+
+from .base import InputSpec, column, split_indices, tensors
 
 
 class Task:
@@ -19,6 +20,10 @@ class Task:
     name: str = ""
     num_classes: int = 0
     label_column: str = "label"
+    id_column: str = ""  # the natural id (writer, speaker) of a natural split
+
+    def __init__(self, cfg: dict[str, Any] | None = None):
+        self.cfg = cfg or {}
 
     def load_split(self, cfg: dict[str, Any], split: str) -> Dataset:
         """The 'train' or 'test' split as a Dataset (hub or local files)."""
@@ -43,14 +48,22 @@ class Task:
         return len(self.load_split(cfg, "train"))
 
     def partition(self, cfg: dict[str, Any], partition_id: int, num_partitions: int) -> Dataset:
-        p = self.partitioner(cfg, num_partitions)
-        p.dataset = self.load_split(cfg, "train")
-        return p.load_partition(partition_id)
+        def make():
+            p = self.partitioner(cfg, num_partitions)
+            p.dataset = self.load_split(cfg, "train")
+            return p
+
+        # One partitioner per process: a Dirichlet draw or a natural-id index
+        # over the whole training set is the same for every partition id.
+        return _cached(("partitioner", _cfg_key(cfg), num_partitions), make).load_partition(partition_id)
+
+
+# Run-config keys that decide what data a task hands out.
+DATA_KEYS = ("task", "data-dir", "hub-dataset", "speech-classes", "dirichlet-alpha", "seed", "val-fraction")
 
 
 def _cfg_key(cfg: dict[str, Any]) -> tuple:
-    keys = ("task", "data-dir", "dirichlet-alpha", "seed", "val-fraction")
-    return tuple(cfg[k] for k in keys)
+    return tuple(cfg.get(k) for k in DATA_KEYS)
 
 
 _cache: dict[tuple, Any] = {}
@@ -67,7 +80,9 @@ def _cached(key, make):
 def get_task(cfg: dict[str, Any]) -> Task:
     from .registry import TASKS
 
-    return TASKS[cfg["task"]]()
+    if cfg["task"] not in TASKS:
+        raise ConfigError("task", f"unknown task {cfg['task']!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[cfg["task"]](cfg)
 
 
 def load_partition(cfg: dict[str, Any], spec: InputSpec, partition_id: int, num_partitions: int):
@@ -92,21 +107,22 @@ def load_test(cfg: dict[str, Any], spec: InputSpec) -> TensorDataset:
     return _cached(("test", _cfg_key(cfg), spec), make)
 
 
-@functools.lru_cache(maxsize=8)
-def _stats(key, num_partitions, cfg_items):
-    cfg = dict(cfg_items)
-    task = get_task(cfg)
-    p = task.partitioner(cfg, num_partitions)
-    p.dataset = task.load_split(cfg, "train")
-    rows = []
-    for pid in range(num_partitions):
-        labels = np.asarray(p.load_partition(pid)[task.label_column])
-        counts = np.bincount(labels, minlength=task.num_classes)
-        rows.append({"partition-id": pid, "examples": int(len(labels)), "classes": int((counts > 0).sum()),
-                     "label-counts": counts.tolist()})
-    return rows
-
-
 def partition_stats(cfg: dict[str, Any], num_partitions: int) -> list[dict]:
     """Examples and classes per partition, for the user to see the heterogeneity."""
-    return _stats(_cfg_key(cfg), num_partitions, tuple(sorted(cfg.items())))
+
+    def make():
+        task = get_task(cfg)
+        rows = []
+        for pid in range(num_partitions):
+            part = task.partition(cfg, pid, num_partitions)
+            labels = column(part, task.label_column).astype(np.int64)
+            counts = np.bincount(labels, minlength=task.num_classes)
+            row = {"partition-id": pid, "examples": int(len(labels)), "classes": int((counts > 0).sum())}
+            if task.id_column:
+                ids = sorted({str(v) for v in column(part, task.id_column).tolist()} - {""})
+                row[task.id_column] = ",".join(ids)
+            row["label-counts"] = counts.tolist()
+            rows.append(row)
+        return rows
+
+    return _cached(("stats", _cfg_key(cfg), num_partitions), make)

@@ -1,0 +1,66 @@
+"""`anytime-fl partitions`: how a task is split over the clients, before training.
+
+    anytime-fl partitions --run-config presets/cifar100.toml --num-partitions 100
+    anytime-fl partitions --run-config "task='femnist' data-dir='/data/femnist'" --num-partitions 20
+
+prints examples and classes per partition and writes them to
+`<out>.json` and `<out>.csv`. `--run-config` takes what `flwr run` takes:
+a TOML file and/or "key=value ..." overrides (strings in quotes), applied in
+the order given on top of the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from anytime_fl.config import ConfigError, validate
+
+
+def parse_run_config(items: list[str]) -> dict:
+    """TOML files and key=value strings, later ones winning, as `flwr run` reads them."""
+    from flwr.common.config import parse_config_args
+
+    user: dict = {}
+    for item in items:
+        if item.endswith(".toml") and not Path(item).expanduser().is_file():
+            raise ConfigError("--run-config", f"no such TOML file {item}")
+        try:
+            user.update(parse_config_args([item]))
+        except Exception as err:  # noqa: BLE001 - flwr raises click/toml errors
+            raise ConfigError("--run-config", f"cannot parse {item!r}: {getattr(err, 'message', err)}") from None
+    return user
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anytime-fl partitions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-config", action="append", default=[], metavar="TOML_OR_OVERRIDES",
+                        help="a TOML preset and/or \"key=value ...\" overrides (repeatable)")
+    parser.add_argument("--num-partitions", type=int, required=True,
+                        help="number of clients (in simulation: the federation's number of supernodes)")
+    parser.add_argument("--out", default="partition-stats",
+                        help="path prefix of the JSON and CSV files written (default: ./partition-stats)")
+    args = parser.parse_args(argv)
+
+    # Imported here: `anytime-fl --help` stays fast without torch and datasets.
+    from fedtasks.base import DataError
+    from fedtasks.stats import document, table, write_csv, write_json
+
+    try:
+        if args.num_partitions < 1:
+            raise ConfigError("--num-partitions", f"must be >= 1, got {args.num_partitions}")
+        cfg = validate(parse_run_config(args.run_config))
+        doc = document(cfg, args.num_partitions)
+    except (ConfigError, DataError) as err:
+        print(f"anytime-fl partitions: {err}", file=sys.stderr)
+        return 2
+    print(table(doc))
+    out = Path(args.out)
+    paths = [write_json(doc, out.with_name(out.name + ".json")), write_csv(doc, out.with_name(out.name + ".csv"))]
+    print("wrote " + " and ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
