@@ -1,0 +1,70 @@
+"""Personalisation on a client: fine-tune the global adapters on local data.
+
+The server asks for it with an evaluate message whose config holds
+`personalize = true` (after the last round). The client fine-tunes the
+exits it runs for `personalize-epochs` at `personalize-lr` on its training
+split, and reports validation accuracy per exit before and after, plus the
+training loss before and after. Only metrics travel back: the personalised
+weights never leave the client, and the model object (shared by every
+message this process handles) gets the received global weights back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from adapters.model import AnytimeViT
+from adapters.state import get_state, set_state
+from adapters.training import TrainSettings, evaluate, train_local
+
+
+def settings_from(cfg: dict[str, Any]) -> TrainSettings:
+    return TrainSettings(
+        epochs=cfg["personalize-epochs"],
+        lr=cfg["personalize-lr"],
+        weight_decay=cfg["weight-decay"],
+        exit_loss=cfg["exit-loss"],
+        distill_weight=cfg["distill-weight"],
+    )
+
+
+def fine_tune(model: AnytimeViT, depth: int, train_ds, cfg: dict[str, Any], seed: int = 0) -> dict:
+    """Train blocks 1..depth's adapters/heads in place on train_ds (see train_local)."""
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
+    return train_local(model, loader, depth, settings_from(cfg))
+
+
+def personalize(model: AnytimeViT, depth: int, train_ds, val_ds, cfg: dict[str, Any], seed: int = 0) -> dict:
+    """Fine-tune blocks 1..depth's adapters/heads on train_ds; metrics before/after.
+
+    Returns flat metrics: `accuracy-before-i` / `accuracy-after-i` (validation,
+    i = 1..depth; absent when val_ds is empty), `train-loss-before` /
+    `train-loss-after` (mean cross-entropy over the exits on train_ds).
+    The model's trainable weights are restored before returning.
+    """
+    global_state = get_state(model)
+    metrics: dict[str, float | int] = {"depth": depth, "num-examples": len(val_ds), "num-train-examples": len(train_ds)}
+    if len(train_ds) == 0:
+        return metrics
+    train_eval = DataLoader(train_ds, batch_size=cfg["eval-batch-size"])
+    val = DataLoader(val_ds, batch_size=cfg["eval-batch-size"]) if len(val_ds) else None
+    try:
+        before_train = evaluate(model, train_eval, depth)
+        before_val = evaluate(model, val, depth) if val else None
+        fine_tune(model, depth, train_ds, cfg, seed)
+        after_train = evaluate(model, train_eval, depth)
+        after_val = evaluate(model, val, depth) if val else None
+    finally:
+        set_state(model, global_state)
+    metrics["train-loss-before"] = float(np.mean(before_train["loss"]))
+    metrics["train-loss-after"] = float(np.mean(after_train["loss"]))
+    if before_val and after_val:
+        for i, (a, b) in enumerate(zip(before_val["accuracy"], after_val["accuracy"]), start=1):
+            metrics[f"accuracy-before-{i}"] = float(a)
+            metrics[f"accuracy-after-{i}"] = float(b)
+    return metrics

@@ -1,0 +1,60 @@
+"""End of a run: anytime evaluation, personalisation round, plots.
+
+Called once after the final weights are saved, so nothing here can lose
+the results already written; plotting failures are logged, not raised.
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from torch.utils.data import DataLoader
+
+from adapters.anytime import anytime_report
+from adapters.model import AnytimeViT
+from adapters.state import set_state
+
+from .personalization import personalization_round
+
+ANYTIME = "anytime.json"
+
+
+def write_anytime(run_dir: Path, model: AnytimeViT, test_set, arrays: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Accuracy and FLOPs per exit, and confidence-based exiting over thresholds, on the test set."""
+    set_state(model, arrays)
+    report = anytime_report(model, DataLoader(test_set, batch_size=batch_size))
+    (Path(run_dir) / ANYTIME).write_text(json.dumps(report, indent=2))
+    last = report["exits"][-1]
+    # The cheapest threshold within a point of the best fixed exit: what early exit buys.
+    target = max(e["accuracy"] for e in report["exits"]) - 0.01
+    good = [r for r in report["dynamic"] if r["accuracy"] >= target] or report["dynamic"]
+    pick = min(good, key=lambda r: (r["mean-flops"], -r["accuracy"]))
+    log(INFO, "anytime: exit 1 acc %.3f at %.2f MFLOPs, exit %d acc %.3f at %.2f MFLOPs; confidence >= %.3g: "
+        "acc %.3f at %.2f MFLOPs (%.1f blocks) on average",
+        report["exits"][0]["accuracy"], report["exits"][0]["flops"] / 1e6, last["exit"], last["accuracy"],
+        last["flops"] / 1e6, pick["threshold"], pick["accuracy"], pick["mean-flops"] / 1e6, pick["mean-blocks"])
+    return report
+
+
+def draw_plots(run_dir: Path) -> list[Path]:
+    try:
+        from anytime_fl.plots import draw
+
+        paths = draw(run_dir)
+        log(INFO, "Plots: %s", ", ".join(p.name for p in paths))
+        return paths
+    except Exception as err:  # noqa: BLE001  (a plot must never cost the run its results)
+        log(WARNING, "Plotting failed (results are safe in %s): %s: %s", run_dir, type(err).__name__, err)
+        return []
+
+
+def finish_run(grid: Grid, cfg: dict, model: AnytimeViT, test_set, arrays: dict[str, np.ndarray], run_dir: Path) -> None:
+    write_anytime(run_dir, model, test_set, arrays, cfg["eval-batch-size"])
+    if cfg["personalize-epochs"] > 0:
+        personalization_round(grid, arrays, cfg, run_dir, cfg["num-server-rounds"] + 1)
+    draw_plots(run_dir)

@@ -1,0 +1,111 @@
+"""Personalisation: local fine-tuning on the client, metrics-only replies, the server's summary."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from safetensors.numpy import load_file
+
+import client_app.personalize as personalize_mod
+from adapters.naming import param_block
+from adapters.state import get_state
+from anytime_fl.config import validate
+from anytime_fl.records import to_record
+from anytime_fl.runtime import model_and_spec
+from client_app.app import evaluate_exits
+from server_app import checkpoint, results
+from server_app.app import run
+from server_app.personalization import FILE, summarize
+from tests.flowerkit import context
+
+RUN = {"backbone-weights": "", "batch-size": 32, "personalize-epochs": 2, "personalize-lr": 3e-3}
+
+
+def _personalize_message(arrays, node_id=1):
+    content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord({"personalize": True, "server-round": 9})})
+    return Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
+
+
+def test_personalisation_trains_on_the_client_only_and_lowers_its_training_loss(monkeypatch):
+    model, _ = model_and_spec(validate(RUN))
+    rng = np.random.default_rng(0)
+    # global weights that differ from whatever the cached model holds now
+    sent = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in get_state(model).items()}
+    personal = {}
+    real_fine_tune = personalize_mod.fine_tune
+
+    def spy(m, depth, train_ds, cfg, seed=0):
+        stats = real_fine_tune(m, depth, train_ds, cfg, seed)
+        personal.update(get_state(m, depth))
+        return stats
+
+    monkeypatch.setattr(personalize_mod, "fine_tune", spy)
+    untouched = {k: v for k, v in get_state(model).items() if param_block(k) > 3}
+    node = {"partition-id": 1, "num-partitions": 4, "max-depth": 3}
+    reply = evaluate_exits(_personalize_message(sent), context(node, RUN))
+
+    assert set(personal) and all(k.startswith(("adapters.0.", "adapters.1.", "adapters.2.", "heads.0.", "heads.1.", "heads.2."))
+                                 for k in personal)
+    changed = [k for k in personal if not np.allclose(personal[k], sent[k])]
+    assert changed, "fine-tuning did not change the adapters"
+    # only metrics go back, and the process's model holds the global weights again
+    assert len(reply.content.array_records) == 0
+    after = get_state(model)
+    assert all(np.array_equal(after[k], sent[k]) for k in personal)
+    assert all(np.array_equal(after[k], v) for k, v in untouched.items())
+    m = reply.content.metric_records["metrics"]
+    assert m["train-loss-after"] < m["train-loss-before"]
+    assert m["depth"] == 3 and m["partition-id"] == 1
+    assert {f"accuracy-{w}-{i}" for w in ("before", "after") for i in (1, 2, 3)} <= set(m)
+    assert "accuracy-before-4" not in m
+
+
+def _reply(depth, before, after, node):
+    metrics = {"depth": depth, "num-examples": 10, "partition-id": node, "train-loss-before": 2.0, "train-loss-after": 1.0}
+    for i, (b, a) in enumerate(zip(before, after), start=1):
+        metrics[f"accuracy-before-{i}"] = b
+        metrics[f"accuracy-after-{i}"] = a
+    msg = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=0, message_type=MessageType.EVALUATE)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def test_summary_gives_mean_and_spread_of_the_gain_per_exit():
+    replies = [_reply(2, [0.5, 0.5], [0.7, 0.6], 1), _reply(1, [0.4], [0.3], 2), _reply(2, [0.2, 0.3], [0.5, 0.3], 3)]
+    s = summarize(replies, validate({}))
+    assert s["clients"] == 3 and s["failed"] == 0
+    e1, e2 = s["exits"]
+    gains1 = np.array([0.2, -0.1, 0.3])
+    assert e1["clients"] == 3 and e1["gain-mean"] == pytest.approx(gains1.mean(), abs=1e-4)
+    assert e1["gain-std"] == pytest.approx(gains1.std(), abs=1e-4)
+    assert (e1["gain-min"], e1["gain-max"]) == pytest.approx((-0.1, 0.3))
+    assert e2["clients"] == 2 and e2["gain-mean"] == pytest.approx(0.05)
+    assert e2["accuracy-before"] == pytest.approx(0.4) and e2["accuracy-after"] == pytest.approx(0.45)
+
+
+def test_server_runs_one_personalisation_round_and_keeps_the_global_weights(fake_grid, tmp_path):
+    cfg = {**RUN, "num-server-rounds": 1, "local-epochs": 1, "tiers": "1,2", "fraction-train": 1.0,
+           "fraction-evaluate": 0.0, "personalize-epochs": 1, "output-dir": str(tmp_path), "run-name": "p"}
+    grid = fake_grid(3, cfg)
+    run_dir = run(grid, cfg)
+    personalize = [d for d in grid.delivered if d["config"].get("personalize")]
+    assert sorted(d["node"] for d in personalize) == [1, 2, 3]
+    assert all(d["type"] == MessageType.EVALUATE for d in personalize)
+    summary = json.loads((run_dir / FILE).read_text())
+    assert summary["clients"] == 3 and summary["epochs"] == 1
+    assert [e["exit"] for e in summary["exits"]] == [1, 2]
+    assert summary["exits"][0]["clients"] == 3 and summary["exits"][1]["clients"] == 1
+    # the final global weights are what training produced, untouched by personalisation
+    final = load_file(str(run_dir / results.WEIGHTS))
+    saved = checkpoint.load(run_dir)["arrays"]
+    assert set(final) == set(saved) and all(np.array_equal(final[k], saved[k]) for k in final)
+
+
+def test_no_personalisation_round_when_epochs_is_zero(fake_grid, tmp_path):
+    cfg = {**RUN, "num-server-rounds": 1, "local-epochs": 1, "tiers": "1", "fraction-train": 1.0,
+           "fraction-evaluate": 0.0, "personalize-epochs": 0, "output-dir": str(tmp_path), "run-name": "q"}
+    grid = fake_grid(2, cfg)
+    run_dir = run(grid, cfg)
+    assert not any(d["config"].get("personalize") for d in grid.delivered)
+    assert not (run_dir / FILE).exists()
