@@ -46,6 +46,18 @@ def _open_fraction(v):
     return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
 
 
+def _decay(v):
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def _trim(v):
+    return None if 0.0 <= v < 0.5 else "must be in [0, 0.5): the share trimmed at each end"
+
+
+def _speech_classes(v):
+    return None if v in (12, 35) else "must be 12 or 35"
+
+
 def _int_list(v):
     try:
         items = [int(s) for s in str(v).split(",") if s.strip()]
@@ -78,6 +90,13 @@ KEYS: tuple[Key, ...] = (
     Key("min-nodes", 2, "Minimum nodes to sample for training/evaluation and to wait for before a round starts.", _positive),
     Key("round-timeout", 3600, "Seconds the server waits for replies in a round; late nodes are left out of it.", _positive),
     Key("strategy", "fedavg", "Server aggregation strategy by name (see strategies/registry.py)."),
+    Key("server-lr", 0.0, "Server learning rate on the aggregated update (0 = the strategy's own: 1 for the averaging strategies, 0.01 for fedadam/fedyogi).", _non_negative),
+    Key("server-momentum", 0.9, "Server momentum of fedavgm.", _decay),
+    Key("beta1", 0.9, "First-moment decay of fedadam/fedyogi.", _decay),
+    Key("beta2", 0.99, "Second-moment decay of fedadam/fedyogi.", _decay),
+    Key("tau", 0.001, "Adaptivity of fedadam/fedyogi: added to the root of the second moment.", _positive),
+    Key("proximal-mu", 0.01, "Weight of the proximal term fedprox adds to every client's loss.", _non_negative),
+    Key("trim-fraction", 0.2, "Share of the senders trimmed-mean drops at each end, per coordinate.", _trim),
     # local training
     Key("local-epochs", 2, "Local epochs per round on each client.", _positive),
     Key("batch-size", 32, "Local training batch size.", _positive),
@@ -86,9 +105,13 @@ KEYS: tuple[Key, ...] = (
     Key("exit-loss", "sum", "How the cross-entropy of a client's exits is combined.", choices=("sum", "mean")),
     Key("distill-weight", 0.0, "Weight of self-distillation from the deepest exit a client runs (0 = off).", _non_negative),
     Key("client-threads", 1, "torch threads per client process.", _positive),
+    # personalisation (after the last round; clients keep their personal weights)
+    Key("personalize-epochs", 1, "Local epochs each client fine-tunes the final global adapters for, reporting validation accuracy per exit before/after (0 = no personalisation round).", _non_negative),
+    Key("personalize-lr", 1e-3, "AdamW learning rate of personalisation fine-tuning.", _positive),
     # devices
     Key("tiers", "3,6,9,12", "Depth budgets (blocks a device runs), one per tier.", _int_list),
     Key("tier-assignment", "even", "How partitions are spread over tiers: 'even' (partition-id modulo tiers) or fractions per tier. A node's own `max-depth` node config wins.", _tier_assignment),
+    Key("tier-names", "", "Names of the tiers, comma-separated, one per tier, for logs and results (e.g. 'phone,tablet,laptop,server'); '' = named by depth."),
     Key("topk-fraction", 1.0, "Fraction of update entries a client sends (top-k by magnitude with error feedback); 1 sends the dense delta.", _open_fraction),
     # model
     Key("backbone", "vit_micro_patch7_28", "timm ViT/DeiT model name."),
@@ -101,9 +124,11 @@ KEYS: tuple[Key, ...] = (
     Key("adapter-mlp-ratio", 2.0, "MLP hidden size of the adapter as a multiple of its width.", _positive),
     Key("shared-adapter", False, "One adapter shared by all blocks instead of one per block."),
     # data
-    Key("task", "digits", "Federated task (see fedtasks/registry.py)."),
-    Key("data-dir", "", "Local dataset folder for tasks loaded offline ('' = the task's default source)."),
+    Key("task", "digits", "Federated task: digits, cifar100, femnist or speechcommands (see fedtasks/registry.py and README 'Tasks')."),
+    Key("data-dir", "", "Local dataset folder for tasks loaded offline ('' = the task's default source: the hub for cifar100/femnist/speechcommands)."),
     Key("dirichlet-alpha", 0.5, "Dirichlet concentration of the label-skewed split (smaller = more heterogeneous).", _positive),
+    Key("hub-dataset", "", "Hugging Face dataset ('name' or 'name:config') a task loads when data-dir is '' ('' = the task's own: uoft-cs/cifar100, flwrlabs/femnist, google/speech_commands:v0.02)."),
+    Key("speech-classes", 12, "Speech Commands classes: 12 (10 words + silence + unknown) or 35 (all words).", _speech_classes),
     Key("val-fraction", 0.2, "Share of each client's partition held out for validation.", _fraction),
     Key("seed", 42, "Seed of partitioning, splits and initialisation."),
     Key("eval-batch-size", 256, "Batch size of evaluation.", _positive),
@@ -166,8 +191,35 @@ def parse_tiers(cfg: dict[str, Any]) -> list[int]:
     return [int(s) for s in str(cfg["tiers"]).split(",") if s.strip()]
 
 
+def parse_tier_names(cfg: dict[str, Any]) -> list[str]:
+    """One name per tier, or [] when the tiers go by their depth."""
+    if not str(cfg["tier-names"]).strip():
+        return []
+    names = [s.strip() for s in str(cfg["tier-names"]).split(",")]
+    tiers = parse_tiers(cfg)
+    if len(names) != len(tiers):
+        raise ConfigError("tier-names", f"has {len(names)} names for {len(tiers)} tiers ({cfg['tiers']})")
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError("tier-names", f"names must be non-empty and distinct, got {cfg['tier-names']!r}")
+    return names
+
+
 def check_depths(cfg: dict[str, Any], num_blocks: int) -> None:
     """Tier depths must fit the backbone; known only once it is built."""
     for d in parse_tiers(cfg):
         if not 1 <= d <= num_blocks:
             raise ConfigError("tiers", f"depth {d} is outside 1..{num_blocks} (the backbone has {num_blocks} blocks)")
+
+
+def markdown_table() -> str:
+    """The README's run-config table, generated from KEYS."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for k in KEYS:
+        default = f'"{k.default}"' if isinstance(k.default, str) else str(k.default).lower() if isinstance(k.default, bool) else k.default
+        doc = k.doc + (f" One of: {', '.join(k.choices)}." if k.choices else "")
+        rows.append(f"| `{k.name}` | `{default}` | {doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -10,6 +10,7 @@ from typing import Any
 
 from adapters.build import build_model, input_spec_fields
 from adapters.model import AnytimeViT
+from adapters.state import get_state
 from fedtasks.base import InputSpec
 from fedtasks.task import get_task
 
@@ -18,12 +19,28 @@ _MODEL_KEYS = (
     "adapter-heads", "adapter-mlp-ratio", "shared-adapter", "task", "seed",
 )
 _models: dict[tuple, tuple[AnytimeViT, InputSpec]] = {}
+_initial: dict[tuple, dict] = {}
+
+
+def _key(cfg: dict[str, Any], task) -> tuple:
+    # The head size comes from the task's settings (e.g. speech-classes), so
+    # it is part of the key along with every key that shapes the model.
+    return (*(cfg[k] for k in _MODEL_KEYS), task.num_classes)
 
 
 def model_and_spec(cfg: dict[str, Any]) -> tuple[AnytimeViT, InputSpec]:
-    key = tuple(cfg[k] for k in _MODEL_KEYS)
+    task = get_task(cfg)
+    key = _key(cfg, task)
     if key not in _models:
-        task = get_task(cfg)
         model = build_model(cfg, task.num_classes)
         _models[key] = (model, InputSpec(**input_spec_fields(model)))
+        _initial[key] = get_state(model)
     return _models[key]
+
+
+def initial_state(cfg: dict[str, Any]) -> dict:
+    """The seeded adapters as first built: the cached model is later loaded
+    with trained weights, and a second run in the same process must not
+    start from those."""
+    model_and_spec(cfg)
+    return {k: v.copy() for k, v in _initial[_key(cfg, get_task(cfg))].items()}

@@ -15,7 +15,8 @@ from anytime_fl.runtime import model_and_spec
 from fedtasks.task import load_partition
 from anytime_fl.records import to_numpy, to_record
 
-from .device import client_depth, partition_of
+from .device import client_depth, node_run_config, partition_of
+from .personalize import personalize
 
 app = ClientApp()
 
@@ -23,7 +24,7 @@ RESIDUAL = "topk-residual"
 
 
 def _setup(msg: Message, context: Context):
-    cfg = validate(dict(context.run_config))
+    cfg = node_run_config(validate(dict(context.run_config)), dict(context.node_config))
     torch.set_num_threads(cfg["client-threads"])
     model, spec = model_and_spec(cfg)
     depth = client_depth(dict(context.node_config), cfg, model.num_blocks)
@@ -84,7 +85,13 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_exits(msg: Message, context: Context) -> Message:
     cfg, model, spec, depth, pid, n, _ = _setup(msg, context)
-    _, val_ds = load_partition(cfg, spec, pid, n)
+    train_ds, val_ds = load_partition(cfg, spec, pid, n)
+    config = msg.content.config_records.get("config", {})
+    if config.get("personalize", False):
+        # Fine-tunes locally and replies metrics only: personal weights stay here.
+        metrics = personalize(model, depth, train_ds, val_ds, cfg, seed=cfg["seed"] * 100_003 + pid)
+        metrics["partition-id"] = pid
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics: dict = {"num-examples": len(val_ds), "depth": depth}
     if len(val_ds):
         res = evaluate(model, DataLoader(val_ds, batch_size=cfg["eval-batch-size"]), depth)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from anytime_fl.config import ConfigError, parse_tiers
@@ -52,3 +53,21 @@ def client_depth(node_config: dict[str, Any], cfg: dict[str, Any], num_blocks: i
     if not 1 <= depth <= num_blocks:
         raise ConfigError("tiers", f"depth {depth} is outside 1..{num_blocks}")
     return depth
+
+
+def node_run_config(cfg: dict[str, Any], node_config: dict[str, Any]) -> dict[str, Any]:
+    """The run config as this node sees it: its own `data-dir` replaces the run's.
+
+    The run config comes from the user's machine and is the same for every
+    node, but where a machine keeps its data is for that machine's operator
+    to say (`--node-config "data-dir='/srv/data'"`).
+    """
+    if "data-dir" not in node_config:
+        return cfg
+    value = node_config["data-dir"]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("node-config data-dir", f"must be a folder path in quotes, e.g. data-dir='/srv/data'; got {value!r}")
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise ConfigError("node-config data-dir", f"no folder at {folder} on this node")
+    return {**cfg, "data-dir": str(folder)}

@@ -14,16 +14,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from adapters.backbone import BackboneError
-from adapters.state import get_state
 from anytime_fl.config import ConfigError, check_depths, validate
 from anytime_fl.records import to_numpy, to_record
-from anytime_fl.runtime import model_and_spec
+from anytime_fl.runtime import initial_state, model_and_spec
 from fedtasks.base import DataError
+from fedtasks.stats import write_partition_stats
 from fedtasks.task import load_test
 from strategies.registry import STRATEGIES, build_strategy
 
 from . import checkpoint, results
 from .evaluation import ServerEvaluator
+from .finish import finish_run
 from .rundir import open_run_dir
 
 app = ServerApp()
@@ -48,14 +49,10 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     check_depths(cfg, model.num_blocks)
     test_set = load_test(cfg, spec)
     run_dir, resumed = open_run_dir(cfg)
+    write_partition_stats(cfg, run_dir, len(list(grid.get_node_ids())))
 
-    strategy = build_strategy(
-        cfg["strategy"],
-        fraction_train=cfg["fraction-train"],
-        fraction_evaluate=cfg["fraction-evaluate"],
-        min_nodes=cfg["min-nodes"],
-    )
-    arrays = get_state(model)
+    strategy = build_strategy(cfg["strategy"], cfg)
+    arrays = initial_state(cfg)
     start = 1
     if resumed is not None:
         arrays = resumed["arrays"]
@@ -102,6 +99,8 @@ def run(grid: Grid, user_cfg: dict) -> Path:
 
     path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
     log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)
+    # anytime.json, personalisation round (personalization.json), PNG plots
+    finish_run(grid, cfg, model, test_set, arrays, run_dir)
     return run_dir
 
 
@@ -134,6 +133,7 @@ def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_met
         "clients": stats.get("clients", 0),
         "dropped": stats.get("dropped", 0),
         "clients-per-depth": dict(sorted(depth_counts.items(), key=lambda kv: int(kv[0]))),
+        "clients-per-tier": stats.get("clients-per-tier", {}),
         "bytes-up": sum(c.get("bytes-up", 0) for c in per_client),
         "bytes-down": sum(c.get("bytes-down", 0) for c in per_client),
         "dense-adapter-bytes": sizes["dense-adapter-bytes"],
