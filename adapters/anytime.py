@@ -54,10 +54,10 @@ def early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, max_depth: 
 
 def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int) -> EarlyExit:
     n = x.shape[0]
-    out_logits = torch.zeros(n, model.num_classes)
-    out_exits = torch.zeros(n, dtype=torch.long)
-    out_conf = torch.zeros(n)
-    active = torch.arange(n)
+    out_logits = torch.zeros(n, model.num_classes, device=x.device)
+    out_exits = torch.zeros(n, dtype=torch.long, device=x.device)
+    out_conf = torch.zeros(n, device=x.device)
+    active = torch.arange(n, device=x.device)
     tokens = model.embed(x)
     history: list[torch.Tensor] = []
     # Same steps as AnytimeViT.forward (tests check they agree), on a
@@ -106,7 +106,7 @@ def flops_per_exit(model: AnytimeViT) -> list[int]:
     hooks = [h.register_forward_hook(lambda *_: flops.append(int(counter.get_total_flops()))) for h in model.heads]
     try:
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-            model(torch.zeros(1, *input_shape(model)))
+            model(torch.zeros(1, *input_shape(model), device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -119,14 +119,16 @@ def exit_confidences(model: AnytimeViT, loader) -> tuple[np.ndarray, np.ndarray]
     """(confidence, correct), each (L, N): every exit's softmax confidence and hit."""
     model.eval()
     conf, correct = [], []
+    dev = next(model.parameters()).device
     for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
         logits = torch.stack(model(x))  # (L, B, C)
         p = logits.softmax(-1)
         conf.append(p.amax(-1))
         correct.append(p.argmax(-1) == y)
     if not conf:
         return np.zeros((model.num_blocks, 0), np.float32), np.zeros((model.num_blocks, 0), bool)
-    return torch.cat(conf, 1).numpy(), torch.cat(correct, 1).numpy()
+    return torch.cat(conf, 1).cpu().numpy(), torch.cat(correct, 1).cpu().numpy()
 
 
 def threshold_exits(conf: np.ndarray, threshold: float) -> np.ndarray:

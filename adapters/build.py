@@ -59,6 +59,15 @@ def build_model(cfg: dict[str, Any], num_classes: int, seed: int | None = None) 
         )
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError("device", f"{name!r} asked for, but this torch sees no CUDA GPU (torch {torch.__version__})")
+    return torch.device(name)
+
+
 def input_spec_fields(model: AnytimeViT) -> dict:
     """in_chans, img_size, mean, std of the backbone, for the data pipeline."""
     bb = model.backbone
@@ -72,4 +81,4 @@ def input_spec_fields(model: AnytimeViT) -> dict:
     }
 
 
-__all__ = ["build_model", "resolve_weights", "input_spec_fields", "num_blocks", "SHIPPED"]
+__all__ = ["build_model", "resolve_device", "resolve_weights", "input_spec_fields", "num_blocks", "SHIPPED"]

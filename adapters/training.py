@@ -35,16 +35,23 @@ def exit_losses(logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings) -
     return total, per_exit
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Batches go where the model is (the run config's `device` placed it)."""
+    return next(model.parameters()).device
+
+
 def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
     params = [p for n, p in model.trainable_named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
-    sums = torch.zeros(depth)
+    dev = model_device(model)
+    sums = torch.zeros(depth, device=dev)
     seen = 0
     for _ in range(s.epochs):
         for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
             total, per_exit = exit_losses(model(x, depth=depth), y, s)
             if anchor is not None:
                 total = total + 0.5 * s.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -53,7 +60,7 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
             opt.step()
             sums += torch.stack([l.detach() for l in per_exit]) * len(y)
             seen += len(y)
-    return {"loss": (sums / max(seen, 1)).tolist(), "num_examples_seen": seen}
+    return {"loss": (sums / max(seen, 1)).cpu().tolist(), "num_examples_seen": seen}
 
 
 @torch.no_grad()
@@ -61,13 +68,15 @@ def evaluate(model: AnytimeViT, loader: DataLoader, depth: int | None = None) ->
     """Accuracy and loss at every exit 1..depth."""
     model.eval()
     depth = depth or model.num_blocks
-    correct = torch.zeros(depth)
-    loss = torch.zeros(depth)
+    dev = model_device(model)
+    correct = torch.zeros(depth, device=dev)
+    loss = torch.zeros(depth, device=dev)
     n = 0
     for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
         for i, z in enumerate(model(x, depth=depth)):
             correct[i] += (z.argmax(-1) == y).sum()
             loss[i] += F.cross_entropy(z, y, reduction="sum")
         n += len(y)
     n = max(n, 1)
-    return {"accuracy": (correct / n).tolist(), "loss": (loss / n).tolist(), "num_examples": n}
+    return {"accuracy": (correct / n).cpu().tolist(), "loss": (loss / n).cpu().tolist(), "num_examples": n}

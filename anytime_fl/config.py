@@ -70,6 +70,12 @@ def _int_list(v):
     return None
 
 
+def _device(v):
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
 def _tier_assignment(v):
     if v == "even":
         return None
@@ -104,6 +110,7 @@ KEYS: tuple[Key, ...] = (
     Key("weight-decay", 1e-4, "AdamW weight decay.", _non_negative),
     Key("exit-loss", "sum", "How the cross-entropy of a client's exits is combined.", choices=("sum", "mean")),
     Key("distill-weight", 0.0, "Weight of self-distillation from the deepest exit a client runs (0 = off).", _non_negative),
+    Key("device", "auto", "Where clients train and the server evaluates: 'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.", _device),
     Key("client-threads", 1, "torch threads per client process.", _positive),
     # personalisation (after the last round; clients keep their personal weights)
     Key("personalize-epochs", 1, "Local epochs each client fine-tunes the final global adapters for, reporting validation accuracy per exit before/after (0 = no personalisation round).", _non_negative),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.build import build_model, input_spec_fields
+from adapters.build import build_model, input_spec_fields, resolve_device
 from adapters.model import AnytimeViT
 from adapters.state import get_state
 from fedtasks.base import InputSpec
@@ -16,7 +16,7 @@ from fedtasks.task import get_task
 
 _MODEL_KEYS = (
     "backbone", "backbone-weights", "pretrained", "img-size", "patch-size", "adapter-width",
-    "adapter-heads", "adapter-mlp-ratio", "shared-adapter", "task", "seed",
+    "adapter-heads", "adapter-mlp-ratio", "shared-adapter", "task", "seed", "device",
 )
 _models: dict[tuple, tuple[AnytimeViT, InputSpec]] = {}
 _initial: dict[tuple, dict] = {}
@@ -32,7 +32,7 @@ def model_and_spec(cfg: dict[str, Any]) -> tuple[AnytimeViT, InputSpec]:
     task = get_task(cfg)
     key = _key(cfg, task)
     if key not in _models:
-        model = build_model(cfg, task.num_classes)
+        model = build_model(cfg, task.num_classes).to(resolve_device(cfg["device"]))
         _models[key] = (model, InputSpec(**input_spec_fields(model)))
         _initial[key] = get_state(model)
     return _models[key]

@@ -42,6 +42,7 @@ def test_defaults_validate():
         ({"lr": "fast"}, "lr"),
         ({"topk-fraction": 0}, "topk-fraction"),
         ({"num-server-round": 3}, "num-server-round"),
+        ({"device": "tpu"}, "device"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -65,3 +66,16 @@ def test_ints_are_accepted_for_floats_but_not_bools_for_ints():
 def test_depth_beyond_the_backbone_names_tiers():
     with pytest.raises(ConfigError, match="'tiers'.*outside 1..12"):
         check_depths(validate({"tiers": "3,6,13"}), 12)
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_names_device():
+    import torch
+
+    from adapters.backbone import BackboneError
+    from adapters.build import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackboneError, match="device: 'cuda:1' asked for"):
+            resolve_device("cuda:1")
