@@ -20,4 +20,5 @@ constraints=$(mktemp)
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 "$PY" -m pip install --quiet -c "$constraints" -e ".[test]"
 rm -f "$constraints"
-"$PY" -c "import torch, flwr, timm; print(f'anytime-fl installed: torch {torch.__version__}, flwr {flwr.__version__}, timm {timm.__version__}')"
+# timm goes through the project's import guard (PyPI's torchvision is CUDA-linked).
+"$PY" -c "import torch, flwr; from adapters.compat import import_timm; timm = import_timm(); print(f'anytime-fl installed: torch {torch.__version__}, flwr {flwr.__version__}, timm {timm.__version__}')"
