@@ -1,0 +1,1 @@
+"""Data files shipped with anytime-fl: the offline pre-trained backbone."""
