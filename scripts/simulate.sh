@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME=${FLWR_HOME:-$HOME/.flwr}
-exec flwr run . --stream --run-config "output-dir='$PWD/outputs'" "$@"
+# The local SuperLink outlives a run and keeps the federation size it was
+# given first, so the size is passed on every run.
+exec flwr run . --stream --federation-config "num-supernodes=${NUM_SUPERNODES:-20}" \
+    --run-config "output-dir='$PWD/outputs'" "$@"
