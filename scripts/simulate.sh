@@ -7,7 +7,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME=${FLWR_HOME:-$HOME/.flwr}
+outputs="output-dir = \"$PWD/outputs\""  # as a TOML line
+outputs_kv="output-dir='$PWD/outputs'"   # as a --run-config override
+
+# Results go to ./outputs: the ServerApp process does not run in this
+# folder, so a relative output-dir would land elsewhere. Flower refuses a TOML file next to
+# key=value overrides, so a preset file gets the line appended in a copy.
+args=()
+preset=""
+while [ $# -gt 0 ]; do
+    if { [ "$1" = "--run-config" ] || [ "$1" = "-c" ]; } && [ $# -gt 1 ] && [[ "$2" == *.toml ]]; then
+        [ -f "$2" ] || { echo "simulate.sh: no run-config file $2" >&2; exit 2; }
+        preset=$(mktemp --suffix=.toml)
+        trap 'rm -f "$preset"' EXIT
+        { cat "$2"; echo; grep -q '^output-dir' "$2" || echo "$outputs"; } > "$preset"
+        args+=("$1" "$preset")
+        shift 2
+    else
+        args+=("$1")
+        shift
+    fi
+done
+[ -n "$preset" ] || args=(--run-config "$outputs_kv" "${args[@]+"${args[@]}"}")
+
 # The local SuperLink outlives a run and keeps the federation size it was
 # given first, so the size is passed on every run.
-exec flwr run . --stream --federation-config "num-supernodes=${NUM_SUPERNODES:-20}" \
-    --run-config "output-dir='$PWD/outputs'" "$@"
+flwr run . --stream --federation-config "num-supernodes=${NUM_SUPERNODES:-20}" "${args[@]}"
