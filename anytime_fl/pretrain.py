@@ -1,6 +1,6 @@
 """Offline pre-training of the shipped backbone on Fashion-MNIST.
 
-    python -m anytime_fl.pretrain --epochs 10
+    python -m anytime_fl.pretrain
 
 trains `vit_micro_patch7_28` centrally on the local Fashion-MNIST train set and
 writes fp16 safetensors plus a JSON card (`<out>.json`) saying how it was made.
@@ -82,9 +82,9 @@ def remake_command(out: str, epochs: int, batch_size: int, lr: float, train_limi
 
 def pretrain(
     out_path: str = DEFAULT_OUT,
-    epochs: int = 10,
+    epochs: int = 8,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     data_dir: str | None = None,
     train_limit: int | None = None,
     seed: int = 0,
@@ -190,9 +190,9 @@ def _positive(kind):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m anytime_fl.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file to write (default: %(default)s)")
-    parser.add_argument("--epochs", type=_positive(int), default=10)
+    parser.add_argument("--epochs", type=_positive(int), default=8)
     parser.add_argument("--batch-size", type=_positive(int), default=128)
-    parser.add_argument("--lr", type=_positive(float), default=1e-3)
+    parser.add_argument("--lr", type=_positive(float), default=2e-3)
     parser.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX .gz files")
     parser.add_argument("--train-limit", type=_positive(int), default=None, help="use only the first N train images")
     parser.add_argument("--seed", type=int, default=0)
