@@ -20,6 +20,7 @@ class TrainSettings:
     distill_weight: float = 0.0  # self-distillation from the deepest exit
     distill_temperature: float = 2.0
     prox_mu: float = 0.0  # FedProx proximal term towards the received weights
+    autocast: str = "none"  # "bf16": forward pass and loss in bfloat16 autocast
 
 
 def exit_losses(logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -52,7 +53,8 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     for _ in range(s.epochs):
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
-            total, per_exit = exit_losses(model(x, depth=depth), y, s)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.autocast == "bf16"):
+                total, per_exit = exit_losses(model(x, depth=depth), y, s)
             if anchor is not None:
                 total = total + 0.5 * s.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)

@@ -111,7 +111,7 @@ KEYS: tuple[Key, ...] = (
     Key("exit-loss", "sum", "How the cross-entropy of a client's exits is combined.", choices=("sum", "mean")),
     Key("distill-weight", 0.0, "Weight of self-distillation from the deepest exit a client runs (0 = off).", _non_negative),
     Key("device", "auto", "Where clients train and the server evaluates: 'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.", _device),
-    Key("autocast", "none", "Mixed precision of local training: 'none' (float32) or 'bf16' (bfloat16 autocast; bench/speed.py measured 1.5x for ViT-Tiny at 32x32 on a CPU with AVX512-BF16, but 0.7x for the default ViT-micro).", choices=("none", "bf16")),
+    Key("autocast", "none", "Mixed precision of local training: 'none' (float32) or 'bf16' (bfloat16 autocast; bench/speed.py measured 1.4x training speed for ViT-Tiny at 32x32 on a CPU with AVX512-BF16, but 0.7x for the default ViT-micro).", choices=("none", "bf16")),
     Key("client-threads", 1, "torch threads per client process.", _positive),
     # personalisation (after the last round; clients keep their personal weights)
     Key("personalize-epochs", 1, "Local epochs each client fine-tunes the final global adapters for, reporting validation accuracy per exit before/after (0 = no personalisation round).", _non_negative),

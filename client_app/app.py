@@ -53,6 +53,7 @@ def train(msg: Message, context: Context) -> Message:
         exit_loss=cfg["exit-loss"],
         distill_weight=cfg["distill-weight"],
         prox_mu=float(config.get("proximal-mu", 0.0)),
+        autocast=cfg["autocast"],
     )
     gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + pid * 1_009 + server_round)
     loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)

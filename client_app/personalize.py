@@ -29,6 +29,7 @@ def settings_from(cfg: dict[str, Any]) -> TrainSettings:
         weight_decay=cfg["weight-decay"],
         exit_loss=cfg["exit-loss"],
         distill_weight=cfg["distill-weight"],
+        autocast=cfg["autocast"],
     )
 
 

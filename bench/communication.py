@@ -1,0 +1,134 @@
+"""Bytes one client sends per round: full fine-tuning vs head-only vs our adapters.
+
+For each backbone shape (random weights; only shapes matter) one real
+local step (AdamW on a random batch) makes a real delta, which the
+project's own codec encodes (`anytime_fl.codec.topk_encode`) and counts
+(`payload_bytes`: .npy data with headers plus names, what Flower
+serialises). Rows:
+
+- full fine-tuning with FedAvg: every backbone weight plus the classifier,
+  float32 dense (and, for reference, the same delta top-k 1% encoded);
+- head-only: the linear classifier on the final CLS token;
+- ours at each tier (blocks 1..d): the adapters and exit heads a depth-d
+  client trains, dense and top-k at 10% and 1%.
+
+Downlink (what the server sends a client of that tier) is the dense
+float32 state of the same parameters.
+
+    python bench/communication.py                       # ViT-Tiny, DeiT-Small, ViT-Base; ~1-2 min on 2 cores
+    python bench/communication.py --models vit_large_patch16_224 --tiers 6,12,18,24
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from benchkit import RESULTS, Report, human_bytes, parse_overrides, table
+
+from adapters.backbone import load_backbone
+from adapters.compat import import_timm
+from adapters.model import AnytimeViT
+from adapters.state import get_state, trainable_names
+from anytime_fl.codec import payload_bytes, topk_encode
+from anytime_fl.config import ConfigError, validate
+
+DEFAULT_MODELS = "vit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224"
+
+
+def one_step_delta(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], forward, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """The change one AdamW step makes to `params` on a random batch."""
+    torch.manual_seed(seed)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    loss = forward()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        return {n: (p - before[n]).numpy().copy() for n, p in params.items()}
+
+
+def encoded(delta: dict[str, np.ndarray], fraction: float) -> int:
+    payload, _ = topk_encode(delta, fraction)
+    return payload_bytes(payload)
+
+
+def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float], cfg: dict, batch: int) -> list[dict]:
+    timm = import_timm()
+    rows = []
+    torch.manual_seed(0)
+    full = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    c, h, w = full.patch_embed.proj.in_channels, *full.patch_embed.img_size
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, num_classes, (batch,))
+    full_params = dict(full.named_parameters())
+    delta = one_step_delta(full, full_params, lambda: torch.nn.functional.cross_entropy(full(x), y), batch, 0)
+    full_bytes = encoded(delta, 1.0)
+    n_full = int(sum(a.size for a in delta.values()))
+    rows.append({"method": "full fine-tuning (FedAvg)", "params": n_full, "up": full_bytes, "down": full_bytes})
+    rows.append({"method": "full fine-tuning, top-k 0.01", "params": n_full, "up": encoded(delta, 0.01), "down": full_bytes})
+    head = {k: v for k, v in delta.items() if k.startswith("head.")}
+    head_bytes = payload_bytes({k: v.astype(np.float32) for k, v in head.items()})
+    rows.append({"method": "head-only (FedAvg)", "params": int(sum(a.size for a in head.values())), "up": head_bytes, "down": head_bytes})
+    del full, full_params, delta
+
+    backbone = load_backbone(name)
+    model = AnytimeViT(backbone, num_classes, width=cfg["adapter-width"], heads=cfg["adapter-heads"],
+                       mlp_ratio=cfg["adapter-mlp-ratio"], shared_adapter=cfg["shared-adapter"])
+    for depth in tiers:
+        names = trainable_names(model, depth)
+        named = dict(model.trainable_named_parameters())
+        params = {n: named[n] for n in names}
+        loss = lambda: sum(torch.nn.functional.cross_entropy(z, y) for z in model(x, depth=depth))  # noqa: E731
+        model.train()
+        d = one_step_delta(model, params, loss, batch, depth)
+        down = payload_bytes(get_state(model, depth))
+        n = int(sum(a.size for a in d.values()))
+        rows.append({"method": f"ours, depth {depth} (dense)", "depth": depth, "params": n, "up": encoded(d, 1.0), "down": down})
+        for f in fractions:
+            rows.append({"method": f"ours, depth {depth}, top-k {f:g}", "depth": depth, "params": n, "up": encoded(d, f), "down": down})
+    for r in rows:
+        r["model"] = name
+        r["up-vs-full"] = r["up"] / full_bytes
+        r["full/up"] = full_bytes / r["up"]
+        r["up (human)"] = human_bytes(r["up"])
+        r["backbone-params"] = int(sum(p.numel() for p in backbone.parameters()))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated timm model names (random weights)")
+    ap.add_argument("--num-classes", type=int, default=100)
+    ap.add_argument("--tiers", default="3,6,9,12", help="depths of the tiers (must fit every model)")
+    ap.add_argument("--topk", default="0.1,0.01", help="top-k fractions to encode our adapters' deltas with")
+    ap.add_argument("--batch", type=int, default=2, help="images in the one local step that makes the delta")
+    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="adapter run-config keys (adapter-width, adapter-heads, ...)")
+    ap.add_argument("--out", default=str(RESULTS / "communication.json"))
+    args = ap.parse_args(argv)
+    try:
+        cfg = validate(parse_overrides(args.run_config))
+    except ConfigError as err:
+        raise SystemExit(str(err))
+    tiers = [int(t) for t in args.tiers.split(",")]
+    fractions = [float(f) for f in args.topk.split(",") if f]
+    report = Report("communication", args)
+    report["adapter-config"] = {k: cfg[k] for k in ("adapter-width", "adapter-heads", "adapter-mlp-ratio", "shared-adapter")}
+    rows = []
+    for name in args.models.split(","):
+        print(f"== {name} ==", flush=True)
+        part = measure(name.strip(), args.num_classes, tiers, fractions, cfg, args.batch)
+        print(table(part, ["method", "params", "up (human)", "up-vs-full", "full/up"]), flush=True)
+        rows += part
+    report["rows"] = rows
+    report.write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

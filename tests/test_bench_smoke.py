@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end at a minimal size and write sane reports.
+
+sim_overhead.py is left out: one `flwr run` alone takes about a minute.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bench_on_path():
+    sys.path.insert(0, str(BENCH))
+    yield
+    sys.path.remove(str(BENCH))
+
+
+def test_communication_orders_full_finetuning_above_adapters_above_topk(tmp_path):
+    import communication
+
+    out = tmp_path / "comm.json"
+    communication.main(["--models", "vit_micro_patch7_28", "--num-classes", "10", "--tiers", "3,12",
+                        "--topk", "0.1,0.01", "--batch", "1", "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    full = rows["full fine-tuning (FedAvg)"]
+    assert full["params"] == 1_349_770  # vit_micro (1,339,776) + a 10-class head
+    assert full["up"] > 4 * full["params"]  # float32 plus .npy headers
+    d3, d12 = rows["ours, depth 3 (dense)"], rows["ours, depth 12 (dense)"]
+    assert full["up"] > d12["up"] > d3["up"]
+    assert d12["up"] > rows["ours, depth 12, top-k 0.1"]["up"] > rows["ours, depth 12, top-k 0.01"]["up"]
+    assert rows["ours, depth 12, top-k 0.1"]["up"] < 0.1 * d12["up"]
+
+
+def test_speed_reports_throughput_memory_and_ratio_per_configuration(tmp_path):
+    import speed
+
+    out = tmp_path / "speed.json"
+    speed.main(["--models", "vit_micro_patch7_28@28/7", "--depths", "3", "--batch", "4", "--steps", "1",
+                "--warmup", "1", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["rows"]}
+    assert set(rows) == {"ours d3", "full fine-tuning"}
+    assert all(r["examples-per-s"] > 0 and r["peak-rss-mb"] > 0 for r in rows.values())
+    assert rows["full fine-tuning"]["speed-vs-full"] == 1.0
+    assert rows["ours d3"]["trainable-params"] < rows["full fine-tuning"]["trainable-params"] / 5
+    assert len(report["load-start"]) == 3 and len(report["load-end"]) == 3
+
+
+def test_accuracy_runs_all_three_methods_on_the_same_clients(tmp_path):
+    import accuracy
+
+    out = tmp_path / "acc.json"
+    accuracy.main(["--rounds", "1", "--nodes", "4", "--no-sweep", "--out", str(out),
+                   "--run-config", "backbone-weights=''", "tiers='2,4'", "min-nodes=2", "fraction-train=0.5"])
+    report = json.loads(out.read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"ours", "full", "head"}
+    assert report["same-clients-every-round"] is True
+    assert len(rows["ours"]["accuracy"]) == 12 and len(rows["full"]["accuracy"]) == 1
+    # one round, two clients: what each sends, twice
+    assert rows["full"]["bytes-up-total"] == 2 * rows["full"]["bytes-per-client-round"]
+    assert rows["head"]["bytes-up-total"] < rows["ours"]["bytes-up-total"] < rows["full"]["bytes-up-total"]
