@@ -21,25 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchkit import parse_overrides  # noqa: E402
+
 from anytime_fl.localgrid import LocalGrid  # noqa: E402
 from server_app import results  # noqa: E402
 from server_app.app import run  # noqa: E402
-
-
-def parse_overrides(items):
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"true": True, "false": False}.get(value.lower(), value)
-        out[key] = value
-    return out
 
 
 def federate(cfg: dict, nodes: int) -> dict:
