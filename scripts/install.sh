@@ -14,8 +14,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
         || echo "install.sh: dataset-fashion-mnist not installed (only needed to re-run pre-training)" >&2
 fi
 
-# TORCH_SPEC lets a user pick another build, e.g. a CUDA one on a GPU machine.
-"$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+# TORCH_SPEC lets a user pick another build, e.g. a CUDA one on a GPU machine;
+# it holds pip arguments, so it is split into words on purpose.
+# shellcheck disable=SC2086
+"$PY" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 constraints=$(mktemp)
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 "$PY" -m pip install --quiet -c "$constraints" -e ".[test]"
