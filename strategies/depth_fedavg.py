@@ -80,6 +80,7 @@ class DepthAwareFedAvg(FedAvg):
         self.tier_names = dict(tier_names or {})
         self.global_arrays: dict[str, np.ndarray] = {}
         self.node_depth: dict[int, int] = {}  # learnt from replies; trims the downlink
+        self.sent: list[Message] = []  # the last messages sent, see `sender`
         self.last_round: dict = {}
         self.state: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self.slots}
 
@@ -143,7 +144,19 @@ class DepthAwareFedAvg(FedAvg):
             sent = full if depth is None else {k: v for k, v in full.items() if param_block(k) <= depth}
             record = RecordDict({self.arrayrecord_key: to_record(sent), self.configrecord_key: config})
             out.append(Message(content=record, message_type=message_type, dst_node_id=node))
+        # Kept to name the node behind an error reply: the grid stamps each
+        # message's id on push, and a reply the SuperLink makes for a dead
+        # node comes from the SuperLink, not from that node.
+        self.sent = out
         return out
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply answers for, also when the SuperLink wrote it."""
+        if reply.has_error():
+            for msg in self.sent:
+                if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
+                    return msg.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         n = int(len(list(grid.get_node_ids())) * fraction)
@@ -206,7 +219,7 @@ class DepthAwareFedAvg(FedAvg):
         """The replies that pass `check_update`; the others are logged and dropped."""
         good, dropped = [], []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.sender(msg)
             if msg.has_error():
                 dropped.append((node, f"error reply: {msg.error.reason}"))
                 continue
@@ -219,7 +232,8 @@ class DepthAwareFedAvg(FedAvg):
             good.append(Update(node, deltas, weight, depth, nbytes, msg.content))
         for node, reason in dropped:
             log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node, reason)
-        self.last_round = {"dropped": len(dropped), "dropped-reasons": [r for _, r in dropped]}
+        self.last_round = {"dropped": len(dropped), "dropped-reasons": [r for _, r in dropped],
+                           "dropped-nodes": [n for n, _ in dropped]}
         return good
 
     def tier_label(self, depth: int) -> str:

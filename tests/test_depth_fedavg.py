@@ -63,3 +63,23 @@ def test_downlink_is_trimmed_to_a_known_node_depth():
 
     msgs = list(s.configure_train(2, to_record(GLOBAL), ConfigRecord(), G()))
     assert set(msgs[0].content.array_records["arrays"].keys()) == {"adapters.0.w", "heads.0.w"}
+
+
+def test_an_error_reply_written_by_the_superlink_names_the_dead_node():
+    from flwr.app import ConfigRecord, Error, Message
+
+    s = _strategy()
+
+    class G:
+        def get_node_ids(self):
+            return [31, 32]
+
+    sent = list(s.configure_train(1, to_record(GLOBAL), ConfigRecord(), G()))
+    for i, msg in enumerate(sent):  # what the grid does on push
+        msg.metadata.__dict__["_message_id"] = f"m{i}"
+    dead = next(m for m in sent if m.metadata.dst_node_id == 32)
+    err = Message(Error(code=1, reason="node unavailable"), reply_to=dead)
+    err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id, as it sends such replies
+    ok = reply({"adapters.0.w": np.ones(2, np.float32)}, 10, 1, 31)
+    s.aggregate_train(1, [ok, err])
+    assert s.last_round["dropped-nodes"] == [32]
