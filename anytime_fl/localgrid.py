@@ -13,6 +13,14 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 
+def ensure_task_identity() -> None:
+    """Flower stamps messages with the running task's identity, which only a
+    real SuperLink/SuperNode process sets; give an in-process run one."""
+    for attr in ("run_id", "node_id", "task_id"):
+        if getattr(TaskIdentity, "_" + attr) is None:
+            setattr(TaskIdentity, attr, 1)
+
+
 class LocalGrid:
     def __init__(self, num_nodes: int, run_config: dict, node_configs: list[dict] | None = None):
         from client_app.app import evaluate_exits, train
@@ -24,11 +32,7 @@ class LocalGrid:
             nid: Context(run_id=1, node_id=nid, node_config=dict(nc), state=RecordDict(), run_config=dict(run_config))
             for nid, nc in zip(self.node_ids, node_configs)
         }
-        # Flower stamps messages with the running task's identity, which only
-        # a real SuperLink/SuperNode process sets.
-        for attr in ("run_id", "node_id", "task_id"):
-            if getattr(TaskIdentity, "_" + attr) is None:
-                setattr(TaskIdentity, attr, 1)
+        ensure_task_identity()
         self.messages_handled = 0
 
     def get_node_ids(self) -> Iterable[int]:

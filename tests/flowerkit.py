@@ -5,14 +5,10 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from flwr.supercore.task_identity import TaskIdentity
-
+from anytime_fl.localgrid import ensure_task_identity
 from anytime_fl.records import to_record
 
-# Flower stamps every Message with the identity of the running task; outside
-# a real run nobody has set it.
-for _attr in ("run_id", "node_id", "task_id"):
-    setattr(TaskIdentity, _attr, 1)
+ensure_task_identity()
 
 TINY = {"backbone-weights": "", "local-epochs": 1, "batch-size": 16}
 
