@@ -15,12 +15,19 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from anytime_fl.config import validate
+from fedtasks.task import get_task
 
 RATE = 16_000
 
 
 def cfg(task: str, data_dir, **over) -> dict:
     return validate({"task": task, "data-dir": str(data_dir), "backbone-weights": "", **over})
+
+
+def partitions(c: dict, n: int) -> list[Dataset]:
+    """Every partition of a task's training split into n clients."""
+    task = get_task(c)
+    return [task.partition(c, pid, n) for pid in range(n)]
 
 
 def _pixels(rng, n, shape):

@@ -9,6 +9,7 @@ from fedtasks.base import DataError, InputSpec
 from fedtasks.cifar100 import CLASSES
 from fedtasks.task import get_task, load_partition, load_test, partition_stats
 from tests.task_fixtures import (
+    partitions,
     cfg,
     cifar_dataset,
     clear_caches,
@@ -26,11 +27,6 @@ pytestmark = pytest.mark.usefixtures("hf_cache")
 @pytest.fixture(scope="module")
 def parquet_dir(tmp_path_factory, hf_cache):
     return make_cifar_parquet(tmp_path_factory.mktemp("cifar-parquet"))
-
-
-def partitions(c, n):
-    task = get_task(c)
-    return [task.partition(c, pid, n) for pid in range(n)]
 
 
 def test_parquet_layout_loads_both_splits(parquet_dir):

@@ -7,6 +7,7 @@ from fedtasks.base import DataError, InputSpec
 from fedtasks.femnist import TEST_FRACTION
 from fedtasks.task import get_task, load_partition
 from tests.task_fixtures import (
+    partitions,
     cfg,
     clear_caches,
     fake_hub,
@@ -23,11 +24,6 @@ WRITERS = 6
 @pytest.fixture(scope="module")
 def femnist_dir(tmp_path_factory, hf_cache):
     return make_femnist_parquet(tmp_path_factory.mktemp("femnist"), writers=WRITERS)
-
-
-def partitions(c, n):
-    task = get_task(c)
-    return [task.partition(c, pid, n) for pid in range(n)]
 
 
 def writers_of(ds):

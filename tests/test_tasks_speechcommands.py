@@ -11,6 +11,7 @@ from fedtasks.base import DataError, InputSpec
 from fedtasks.speechcommands import CLASSES, WORDS
 from fedtasks.task import get_task, load_partition, load_test
 from tests.task_fixtures import (
+    partitions,
     cfg,
     clear_caches,
     fake_hub,
@@ -29,11 +30,6 @@ WORDS_USED = ("yes", "no", "up", "cat", "visual")
 @pytest.fixture(scope="module")
 def wav_dir(tmp_path_factory, hf_cache):
     return make_speech_wavs(tmp_path_factory.mktemp("speech"), speakers=SPEAKERS, words=WORDS_USED)
-
-
-def partitions(c, n):
-    task = get_task(c)
-    return [task.partition(c, pid, n) for pid in range(n)]
 
 
 def test_archive_layout_splits_by_lists(wav_dir):
