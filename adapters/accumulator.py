@@ -43,9 +43,9 @@ class AccumulatorAdapter(nn.Module):
         Returns (summary, new_cls): the query's output token and the last
         output token, both (B, D).
         """
-        b, l, _ = history.shape
+        b, n, _ = history.shape
         x = torch.cat([self.query.expand(b, -1, -1), history], dim=1)
-        h = self.down(self.norm_in(x)) + self.pos[:, : l + 1]
+        h = self.down(self.norm_in(x)) + self.pos[:, : n + 1]
         y = self.norm1(h)
         h = h + self.attn(y, y, y, need_weights=False)[0]
         h = h + self.mlp(self.norm2(h))

@@ -17,6 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .backbone import backbone_input
 from .model import AnytimeViT
 
 # Dense near 1: trained exits are usually very confident, and that is where
@@ -83,11 +84,6 @@ def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int
     return EarlyExit(out_logits, out_exits, out_conf)
 
 
-def input_shape(model: AnytimeViT) -> tuple[int, int, int]:
-    pe = model.backbone.patch_embed
-    return pe.proj.in_channels, *pe.img_size
-
-
 def flops_per_exit(model: AnytimeViT) -> list[int]:
     """FLOPs for one input to reach exit d (blocks, adapters and heads 1..d), d = 1..L.
 
@@ -106,7 +102,7 @@ def flops_per_exit(model: AnytimeViT) -> list[int]:
     hooks = [h.register_forward_hook(lambda *_: flops.append(int(counter.get_total_flops()))) for h in model.heads]
     try:
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-            model(torch.zeros(1, *input_shape(model), device=next(model.parameters()).device))
+            model(torch.zeros(1, *backbone_input(model.backbone), device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()

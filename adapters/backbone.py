@@ -8,7 +8,6 @@ the default run works with no network.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -53,12 +52,6 @@ class BackboneError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
-
-
-def read_card(weights: str | Path) -> dict:
-    """The JSON card stored next to a weights file (`<file>.json`), or {}."""
-    card = Path(str(weights) + ".json")
-    return json.loads(card.read_text()) if card.is_file() else {}
 
 
 def load_backbone(

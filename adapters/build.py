@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .backbone import BackboneError, load_backbone, num_blocks
+from .backbone import BackboneError, backbone_input, load_backbone, num_blocks
 from .model import AnytimeViT
 
 SHIPPED = "shipped"
@@ -71,11 +71,11 @@ def resolve_device(name: str) -> torch.device:
 def input_spec_fields(model: AnytimeViT) -> dict:
     """in_chans, img_size, mean, std of the backbone, for the data pipeline."""
     bb = model.backbone
-    pe = bb.patch_embed
+    in_chans, img_size, _ = backbone_input(bb)
     cfg = getattr(bb, "pretrained_cfg", {}) or {}
     return {
-        "in_chans": pe.proj.in_channels,
-        "img_size": pe.img_size[0],
+        "in_chans": in_chans,
+        "img_size": img_size,
         "mean": tuple(cfg.get("mean", (0.5,))),
         "std": tuple(cfg.get("std", (0.5,))),
     }

@@ -9,6 +9,22 @@ from .accumulator import AccumulatorAdapter, ExitHead
 
 
 class AnytimeViT(nn.Module):
+    """A frozen timm ViT with an accumulator adapter and an exit head after every block.
+
+    `model(x, depth=d)` runs blocks 1..d only and returns the logits of exits
+    1..d; only the adapters and heads have trainable parameters.
+
+    Args:
+        backbone: a timm VisionTransformer with a CLS token; it is used as
+            given (frozen by `adapters.backbone.load_backbone`).
+        num_classes: classes of every exit head.
+        width: attention width of each adapter (`adapter-width`).
+        heads: attention heads of each adapter (`adapter-heads`); must divide width.
+        mlp_ratio: the adapter MLP's hidden size as a multiple of `width`.
+        shared_adapter: one adapter for every block instead of one per block
+            (the heads stay one per block).
+    """
+
     def __init__(
         self,
         backbone: nn.Module,

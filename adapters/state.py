@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .model import AnytimeViT
-from .naming import names_up_to
+from core.naming import names_up_to
 
 
 def trainable_names(model: AnytimeViT, depth: int | None = None) -> list[str]:
@@ -31,7 +31,3 @@ def set_state(model: AnytimeViT, arrays: dict[str, np.ndarray]) -> None:
         if tuple(value.shape) != tuple(p.shape):
             raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(p.shape)}")
         p.copy_(torch.as_tensor(np.asarray(value), dtype=p.dtype))
-
-
-def num_params(arrays: dict[str, np.ndarray]) -> int:
-    return int(sum(a.size for a in arrays.values()))

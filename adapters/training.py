@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from core.config import settings
 
 from .model import AnytimeViT
 
 
 @dataclass
 class TrainSettings:
+    """How a client trains its adapters and heads; built from the run config
+    by `from_config`, the one place a training key becomes a setting."""
+
     epochs: int = 1
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -21,6 +27,15 @@ class TrainSettings:
     distill_temperature: float = 2.0
     prox_mu: float = 0.0  # FedProx proximal term towards the received weights
     autocast: str = "none"  # "bf16": forward pass and loss in bfloat16 autocast
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], *, personalize: bool = False, prox_mu: float = 0.0) -> "TrainSettings":
+        """Settings of federated training, or of the personalisation round
+        (its own epochs and learning rate); `prox_mu` comes from the strategy."""
+        values = settings(cfg)
+        if personalize:
+            values.update(epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"])
+        return cls(**values, prox_mu=prox_mu)
 
 
 def exit_losses(logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -60,7 +75,7 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
-            sums += torch.stack([l.detach() for l in per_exit]) * len(y)
+            sums += torch.stack([loss.detach() for loss in per_exit]) * len(y)
             seen += len(y)
     return {"loss": (sums / max(seen, 1)).cpu().tolist(), "num_examples_seen": seen}
 

@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     "pretrain": ("anytime_fl.pretrain", "pre-train the offline backbone on Fashion-MNIST"),
     "predict": ("anytime_fl.predict", "predict for images/audio at an exit or with a confidence threshold"),
-    "plot": ("anytime_fl.plots", "draw PNG plots of a run directory"),
+    "plot": ("server_app.plots", "draw PNG plots of a run directory"),
     "partitions": ("anytime_fl.partitions", "print and save examples and classes per client of a task"),
 }
 

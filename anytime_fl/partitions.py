@@ -15,22 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from anytime_fl.config import ConfigError, validate
-
-
-def parse_run_config(items: list[str]) -> dict:
-    """TOML files and key=value strings, later ones winning, as `flwr run` reads them."""
-    from flwr.common.config import parse_config_args
-
-    user: dict = {}
-    for item in items:
-        if item.endswith(".toml") and not Path(item).expanduser().is_file():
-            raise ConfigError("--run-config", f"no such TOML file {item}")
-        try:
-            user.update(parse_config_args([item]))
-        except Exception as err:  # noqa: BLE001 - flwr raises click/toml errors
-            raise ConfigError("--run-config", f"cannot parse {item!r}: {getattr(err, 'message', err)}") from None
-    return user
+from core.config import ConfigError, parse_run_config, validate
 
 
 def main(argv: list[str] | None = None) -> int:

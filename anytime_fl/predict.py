@@ -49,7 +49,7 @@ def load_run(path: str, backbone_weights: str | None = None):
     from adapters.backbone import BackboneError
     from adapters.build import build_model, input_spec_fields
     from adapters.state import set_state
-    from anytime_fl.config import KEYS, ConfigError, validate
+    from core.config import KEYS, ConfigError, validate
     from fedtasks.base import InputSpec
 
     file = _adapter_file(path)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from adapters import backbone as _backbone  # noqa: F401  (registers vit_micro_patch7_28)
 from adapters.compat import import_timm
-from fedtasks.fashion_mnist import load_fashion_mnist
+from anytime_fl.fashion_mnist import load_fashion_mnist
 
 timm = import_timm()
 

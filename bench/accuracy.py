@@ -18,11 +18,11 @@ Learning rates: a tiny sweep per method (AdamW, constant lr, a fresh
 optimiser every round as the clients do), picked by accuracy on the
 clients' own validation splits (never the test set): mean over exits for
 ours, the single exit for the baselines. Bytes: what a client sends per
-round, float32 dense (`anytime_fl.codec.payload_bytes`: .npy data with
+round, float32 dense (`core.codec.payload_bytes`: .npy data with
 headers plus names), summed over the run.
 
     python bench/accuracy.py                                 # 15 rounds, 20 clients; ~8 min on 2 cores
-    python bench/accuracy.py --rounds 50 --nodes 100 --run-config device=cuda backbone=vit_tiny_patch16_224 img-size=32 patch-size=4
+    python bench/accuracy.py --rounds 50 --nodes 100 --run-config "device='cuda' backbone='vit_tiny_patch16_224' img-size=32 patch-size=4"
     python bench/accuracy.py --methods ours12 --out bench/results/accuracy_ours12.json   # ours, no tiers
     python bench/accuracy.py --no-sweep --lr-full 1e-4       # fixed learning rates
 """
@@ -47,10 +47,10 @@ from adapters.backbone import BackboneError, load_backbone
 from adapters.build import resolve_device, resolve_weights
 from adapters.state import set_state
 from adapters.training import evaluate
-from anytime_fl.codec import payload_bytes
-from anytime_fl.config import ConfigError, validate
-from anytime_fl.localgrid import LocalGrid
-from anytime_fl.runtime import model_and_spec
+from core.codec import payload_bytes
+from core.config import ConfigError, validate
+from tests.localgrid import LocalGrid
+from runtime.models import model_and_spec
 from fedtasks.base import DataError
 from fedtasks.task import get_task, load_partition, load_test
 from server_app import results
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         ap.add_argument(f"--lr-{m}", default=SWEEPS[m], help=f"learning rate(s) of {m}, comma-separated (swept)")
     ap.add_argument("--sweep-rounds", type=int, default=4, help="rounds of each learning-rate trial")
     ap.add_argument("--no-sweep", action="store_true", help="use the first learning rate of each list")
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for every method")
+    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES", help="run-config overrides for every method")
     ap.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     args = ap.parse_args(argv)
     user = {"fraction-evaluate": 0.0, "personalize-epochs": 0, **parse_overrides(args.run_config)}

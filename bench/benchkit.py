@@ -105,23 +105,10 @@ def human_bytes(n: float) -> str:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """KEY=VALUE strings -> run-config values typed like TOML scalars."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--run-config: expected KEY=VALUE, got {item!r}")
-        value = value.strip()
-        if value[:1] in ("'", '"'):
-            out[key.strip()] = value.strip("'\"")  # quoted: a string, as in TOML
-            continue
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except (TypeError, ValueError):
-                pass
-        else:
-            value = {"true": True, "false": False}.get(str(value).lower(), value)
-        out[key.strip()] = value
-    return out
+    """--run-config values as `flwr run` reads them (TOML files and/or "key=value ...")."""
+    from core.config import ConfigError, parse_run_config
+
+    try:
+        return parse_run_config(items)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None

@@ -2,7 +2,7 @@
 
 For each backbone shape (random weights; only shapes matter) one real
 local step (AdamW on a random batch) makes a real delta, which the
-project's own codec encodes (`anytime_fl.codec.topk_encode`) and counts
+project's own codec encodes (`core.codec.topk_encode`) and counts
 (`payload_bytes`: .npy data with headers plus names, what Flower
 serialises). Rows:
 
@@ -33,8 +33,8 @@ from adapters.backbone import load_backbone
 from adapters.compat import import_timm
 from adapters.model import AnytimeViT
 from adapters.state import get_state, trainable_names
-from anytime_fl.codec import payload_bytes, topk_encode
-from anytime_fl.config import ConfigError, validate
+from core.codec import payload_bytes, topk_encode
+from core.config import ConfigError, validate
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224"
 
@@ -66,7 +66,8 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
     x = torch.randn(batch, c, h, w)
     y = torch.randint(0, num_classes, (batch,))
     full_params = dict(full.named_parameters())
-    delta = one_step_delta(full, full_params, lambda: torch.nn.functional.cross_entropy(full(x), y), batch, 0)
+    model = full  # a name the lambda can close over; `full` itself is deleted below
+    delta = one_step_delta(full, full_params, lambda: torch.nn.functional.cross_entropy(model(x), y), batch, 0)
     full_bytes = encoded(delta, 1.0)
     n_full = int(sum(a.size for a in delta.values()))
     rows.append({"method": "full fine-tuning (FedAvg)", "params": n_full, "up": full_bytes, "down": full_bytes})
@@ -74,7 +75,7 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
     head = {k: v for k, v in delta.items() if k.startswith("head.")}
     head_bytes = payload_bytes({k: v.astype(np.float32) for k, v in head.items()})
     rows.append({"method": "head-only (FedAvg)", "params": int(sum(a.size for a in head.values())), "up": head_bytes, "down": head_bytes})
-    del full, full_params, delta
+    del full, model, full_params, delta
 
     backbone = load_backbone(name)
     model = AnytimeViT(backbone, num_classes, width=cfg["adapter-width"], heads=cfg["adapter-heads"],
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiers", default="3,6,9,12", help="depths of the tiers (must fit every model)")
     ap.add_argument("--topk", default="0.1,0.01", help="top-k fractions to encode our adapters' deltas with")
     ap.add_argument("--batch", type=int, default=2, help="images in the one local step that makes the delta")
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES",
                     help="adapter run-config keys (adapter-width, adapter-heads, ...)")
     ap.add_argument("--out", default=str(RESULTS / "communication.json"))
     args = ap.parse_args(argv)

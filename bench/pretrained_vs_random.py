@@ -6,7 +6,7 @@ the engine's) and prints test accuracy per exit. If the pre-trained backbone
 does not win clearly, the pre-training / federated data pairing is wrong.
 
     python bench/pretrained_vs_random.py            # default run's size (25 rounds, 20 clients), ~9 min on 2 cores
-    python bench/pretrained_vs_random.py --rounds 30 --nodes 50 --run-config task=cifar100 ...
+    python bench/pretrained_vs_random.py --rounds 30 --nodes 50 --run-config "task='cifar100' ..."
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchkit import parse_overrides  # noqa: E402
 
-from anytime_fl.localgrid import LocalGrid  # noqa: E402
+from tests.localgrid import LocalGrid  # noqa: E402
 from server_app import results  # noqa: E402
 from server_app.app import run  # noqa: E402
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--nodes", type=int, default=20)
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="extra run-config overrides")
+    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES", help="extra run-config overrides")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pretrained_vs_random.json"))
     args = ap.parse_args(argv)
     # Only the global model's test accuracy is compared: no federated

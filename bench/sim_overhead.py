@@ -125,7 +125,7 @@ def run_loop(cfg: dict, nodes: int, out_dir: Path, timeout: float) -> dict:
 
 
 def worker(job: dict) -> None:
-    from anytime_fl.localgrid import LocalGrid
+    from tests.localgrid import LocalGrid
     from server_app.app import run
 
     run(LocalGrid(job["nodes"], job["cfg"]), job["cfg"])
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each, interleaved")
     ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray client resources (num-cpus)")
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for both sides")
+    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES", help="run-config overrides for both sides")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
     ap.add_argument("--out", default=str(RESULTS / "sim_overhead.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(json.loads(args.worker))
         return 0
-    from anytime_fl.config import ConfigError, validate
+    from core.config import ConfigError, validate
 
     cfg = {"num-server-rounds": args.rounds, "fraction-evaluate": 0.0, "personalize-epochs": 0,
            **parse_overrides(args.run_config)}

@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--variants: unknown {bad}; known: {', '.join(VARIANTS)}")
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     if not args.batch:
-        from anytime_fl.config import defaults
+        from core.config import defaults
 
         args.batch = defaults()["batch-size"]
     out = args.out or str(RESULTS / ("speed.json" if variants == ["plain"] else "speed_variants.json"))

@@ -9,13 +9,13 @@ from torch.utils.data import DataLoader
 
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, train_local
-from anytime_fl.codec import payload_bytes, topk_encode
-from anytime_fl.config import validate
-from anytime_fl.runtime import model_and_spec
+from core.codec import payload_bytes, topk_encode
+from core.config import validate
+from runtime.models import model_and_spec
 from fedtasks.task import load_partition
-from anytime_fl.records import to_numpy, to_record
+from core.records import to_numpy, to_record
 
-from .device import client_depth, node_run_config, partition_of
+from .tiers import client_depth, node_run_config, partition_of
 from .personalize import personalize
 
 app = ClientApp()
@@ -38,6 +38,11 @@ def _setup(msg: Message, context: Context):
     return cfg, model, spec, depth, pid, n, received
 
 
+def client_seed(cfg: dict, partition_id: int, server_round: int) -> int:
+    """Each client and round shuffles its data its own way, the same in every run."""
+    return cfg["seed"] * 100_003 + partition_id * 1_009 + server_round
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, model, spec, depth, pid, n, received = _setup(msg, context)
@@ -46,16 +51,9 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"partition {pid} has no training examples")
     config = msg.content.config_records["config"]
     server_round = int(config.get("server-round", 0))
-    settings = TrainSettings(
-        epochs=cfg["local-epochs"],
-        lr=cfg["lr"],
-        weight_decay=cfg["weight-decay"],
-        exit_loss=cfg["exit-loss"],
-        distill_weight=cfg["distill-weight"],
-        prox_mu=float(config.get("proximal-mu", 0.0)),
-        autocast=cfg["autocast"],
-    )
-    gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + pid * 1_009 + server_round)
+    # The proximal weight travels in the message: it is the strategy's to set.
+    settings = TrainSettings.from_config(cfg, prox_mu=float(config.get("proximal-mu", 0.0)))
+    gen = torch.Generator().manual_seed(client_seed(cfg, pid, server_round))
     loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
     stats = train_local(model, loader, depth, settings)
 
@@ -90,7 +88,7 @@ def evaluate_exits(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config", {})
     if config.get("personalize", False):
         # Fine-tunes locally and replies metrics only: personal weights stay here.
-        metrics = personalize(model, depth, train_ds, val_ds, cfg, seed=cfg["seed"] * 100_003 + pid)
+        metrics = personalize(model, depth, train_ds, val_ds, cfg, seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1))
         metrics["partition-id"] = pid
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics: dict = {"num-examples": len(val_ds), "depth": depth}

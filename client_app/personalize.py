@@ -22,22 +22,11 @@ from adapters.state import get_state, set_state
 from adapters.training import TrainSettings, evaluate, train_local
 
 
-def settings_from(cfg: dict[str, Any]) -> TrainSettings:
-    return TrainSettings(
-        epochs=cfg["personalize-epochs"],
-        lr=cfg["personalize-lr"],
-        weight_decay=cfg["weight-decay"],
-        exit_loss=cfg["exit-loss"],
-        distill_weight=cfg["distill-weight"],
-        autocast=cfg["autocast"],
-    )
-
-
 def fine_tune(model: AnytimeViT, depth: int, train_ds, cfg: dict[str, Any], seed: int = 0) -> dict:
     """Train blocks 1..depth's adapters/heads in place on train_ds (see train_local)."""
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
-    return train_local(model, loader, depth, settings_from(cfg))
+    return train_local(model, loader, depth, TrainSettings.from_config(cfg, personalize=True))
 
 
 def personalize(model: AnytimeViT, depth: int, train_ds, val_ds, cfg: dict[str, Any], seed: int = 0) -> dict:

@@ -9,11 +9,18 @@ backbone's input (channels, size, normalisation) so clients do that work once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+
+from core.config import keys_in
+
+if TYPE_CHECKING:  # only for annotations: importing them costs seconds
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 
 class DataError(ValueError):
@@ -74,3 +81,68 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     n_val = int(round(n * val_fraction)) if n > 1 else 0
     n_val = min(n_val, n - 1) if n > 1 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class Task:
+    """A federated benchmark. Subclasses fill in the data source."""
+
+    name: str = ""
+    num_classes: int = 0
+    label_column: str = "label"
+    id_column: str = ""  # the natural id (writer, speaker) of a natural split
+
+    def __init__(self, cfg: dict[str, Any] | None = None):
+        self.cfg = cfg or {}
+
+    def load_split(self, cfg: dict[str, Any], split: str) -> Dataset:
+        """The 'train' or 'test' split as a Dataset (hub or local files)."""
+        raise NotImplementedError
+
+    def to_arrays(self, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels in [0,1] as (N,H,W[,C]) and integer labels."""
+        raise NotImplementedError
+
+    def partitioner(self, cfg: dict[str, Any], num_partitions: int) -> Partitioner:
+        """Label-skewed Dirichlet split unless the task has a natural one."""
+        from flwr_datasets.partitioner import DirichletPartitioner
+
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=self.label_column,
+            alpha=cfg["dirichlet-alpha"],
+            min_partition_size=min(10, max(1, self._train_size(cfg) // (2 * num_partitions))),
+            self_balancing=True,
+            seed=cfg["seed"],
+        )
+
+    def _train_size(self, cfg) -> int:
+        return len(self.load_split(cfg, "train"))
+
+    def partition(self, cfg: dict[str, Any], partition_id: int, num_partitions: int) -> Dataset:
+        def make():
+            p = self.partitioner(cfg, num_partitions)
+            p.dataset = self.load_split(cfg, "train")
+            return p
+
+        # One partitioner per process: a Dirichlet draw or a natural-id index
+        # over the whole training set is the same for every partition id.
+        return cached(("partitioner", data_key(cfg), num_partitions), make).load_partition(partition_id)
+
+
+# Run-config keys that decide what data a task hands out.
+DATA_KEYS = keys_in("data")
+
+
+def data_key(cfg: dict[str, Any]) -> tuple:
+    return tuple(cfg.get(k) for k in DATA_KEYS)
+
+
+_cache: dict[tuple, Any] = {}
+
+
+def cached(key, make):
+    # Clients in one simulation worker serve many partitions; loading and
+    # converting the data once per process saves most of a round's start-up.
+    if key not in _cache:
+        _cache[key] = make()
+    return _cache[key]

@@ -11,7 +11,7 @@ import numpy as np
 from datasets import Dataset
 
 from .base import split_indices
-from .task import Task
+from .base import Task
 
 TEST_FRACTION = 0.2
 _SPLIT_SEED = 0  # fixed: the centralised test set is the same for every run

@@ -17,7 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
 
 from .base import DataError, column
 from .local import load_local
-from .task import Task
+from .base import Task
 
 # Per process: clients in one simulation worker serve many partitions, and
 # listing or opening the full data set (tens of thousands of files) once is enough.

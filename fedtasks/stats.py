@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .task import DATA_KEYS, get_task, partition_stats
+from .base import DATA_KEYS
+from .task import get_task, partition_stats
 
 FILE = "partition-stats.json"
 _COUNTS = ("partition-id", "examples", "classes", "label-counts")  # the other keys: a natural id
@@ -82,23 +82,4 @@ def write_csv(doc: dict, path: Path) -> Path:
         w.writerow(["partition-id", "examples", "classes", *extra, *(f"label-{i}" for i in range(doc["num-classes"]))])
         for r in rows:
             w.writerow([r["partition-id"], r["examples"], r["classes"], *(r[k] for k in extra), *r["label-counts"]])
-    return path
-
-
-def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int) -> Path | None:
-    """The ServerApp's hook: partition-stats.json in the run folder, one log line.
-
-    `num_partitions` is the number of connected nodes (in simulation, every
-    node); with none connected yet there is nothing to describe.
-    """
-    from flwr.common.logger import log
-
-    if num_partitions < 1:
-        log(INFO, "No nodes connected yet: partition statistics not written")
-        return None
-    doc = document(cfg, num_partitions)
-    path = write_json(doc, Path(run_dir) / FILE)
-    e, c = doc["summary"]["examples-per-partition"], doc["summary"]["classes-per-partition"]
-    log(INFO, "%s over %d partitions: examples min/median/max %d/%g/%d, classes %d/%g/%d of %d (%s)",
-        cfg["task"], num_partitions, e["min"], e["median"], e["max"], c["min"], c["median"], c["max"], doc["num-classes"], path)
     return path

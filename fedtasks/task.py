@@ -1,85 +1,20 @@
-"""The Task interface and the partition/test loaders shared by every task."""
+"""The loaders every caller uses: the task a run config names, a client's
+(train, validation) split, the test set and the per-partition statistics."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, Partitioner
 from torch.utils.data import Subset, TensorDataset
 
-from anytime_fl.config import ConfigError
+from core.config import ConfigError
 
-from .base import InputSpec, column, split_indices, tensors
-
-
-class Task:
-    """A federated benchmark. Subclasses fill in the data source."""
-
-    name: str = ""
-    num_classes: int = 0
-    label_column: str = "label"
-    id_column: str = ""  # the natural id (writer, speaker) of a natural split
-
-    def __init__(self, cfg: dict[str, Any] | None = None):
-        self.cfg = cfg or {}
-
-    def load_split(self, cfg: dict[str, Any], split: str) -> Dataset:
-        """The 'train' or 'test' split as a Dataset (hub or local files)."""
-        raise NotImplementedError
-
-    def to_arrays(self, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels in [0,1] as (N,H,W[,C]) and integer labels."""
-        raise NotImplementedError
-
-    def partitioner(self, cfg: dict[str, Any], num_partitions: int) -> Partitioner:
-        """Label-skewed Dirichlet split unless the task has a natural one."""
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by=self.label_column,
-            alpha=cfg["dirichlet-alpha"],
-            min_partition_size=min(10, max(1, self._train_size(cfg) // (2 * num_partitions))),
-            self_balancing=True,
-            seed=cfg["seed"],
-        )
-
-    def _train_size(self, cfg) -> int:
-        return len(self.load_split(cfg, "train"))
-
-    def partition(self, cfg: dict[str, Any], partition_id: int, num_partitions: int) -> Dataset:
-        def make():
-            p = self.partitioner(cfg, num_partitions)
-            p.dataset = self.load_split(cfg, "train")
-            return p
-
-        # One partitioner per process: a Dirichlet draw or a natural-id index
-        # over the whole training set is the same for every partition id.
-        return _cached(("partitioner", _cfg_key(cfg), num_partitions), make).load_partition(partition_id)
-
-
-# Run-config keys that decide what data a task hands out.
-DATA_KEYS = ("task", "data-dir", "hub-dataset", "speech-classes", "dirichlet-alpha", "seed", "val-fraction")
-
-
-def _cfg_key(cfg: dict[str, Any]) -> tuple:
-    return tuple(cfg.get(k) for k in DATA_KEYS)
-
-
-_cache: dict[tuple, Any] = {}
-
-
-def _cached(key, make):
-    # Clients in one simulation worker serve many partitions; loading and
-    # converting the data once per process saves most of a round's start-up.
-    if key not in _cache:
-        _cache[key] = make()
-    return _cache[key]
+from .base import InputSpec, Task, cached, column, data_key, split_indices, tensors
+from .registry import TASKS
 
 
 def get_task(cfg: dict[str, Any]) -> Task:
-    from .registry import TASKS
-
     if cfg["task"] not in TASKS:
         raise ConfigError("task", f"unknown task {cfg['task']!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[cfg["task"]](cfg)
@@ -96,7 +31,7 @@ def load_partition(cfg: dict[str, Any], spec: InputSpec, partition_id: int, num_
         tr, va = split_indices(len(full), cfg["val-fraction"], cfg["seed"] + partition_id)
         return Subset(full, tr.tolist()), Subset(full, va.tolist())
 
-    return _cached(("part", _cfg_key(cfg), spec, partition_id, num_partitions), make)
+    return cached(("part", data_key(cfg), spec, partition_id, num_partitions), make)
 
 
 def load_test(cfg: dict[str, Any], spec: InputSpec) -> TensorDataset:
@@ -104,7 +39,7 @@ def load_test(cfg: dict[str, Any], spec: InputSpec) -> TensorDataset:
         task = get_task(cfg)
         return tensors(*task.to_arrays(task.load_split(cfg, "test")), spec)
 
-    return _cached(("test", _cfg_key(cfg), spec), make)
+    return cached(("test", data_key(cfg), spec), make)
 
 
 def partition_stats(cfg: dict[str, Any], num_partitions: int) -> list[dict]:
@@ -125,4 +60,4 @@ def partition_stats(cfg: dict[str, Any], num_partitions: int) -> list[dict]:
             rows.append(row)
         return rows
 
-    return _cached(("stats", _cfg_key(cfg), num_partitions), make)
+    return cached(("stats", data_key(cfg), num_partitions), make)

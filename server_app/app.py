@@ -14,13 +14,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from adapters.backbone import BackboneError
-from anytime_fl.config import ConfigError, check_depths, validate
-from anytime_fl.records import to_numpy, to_record
-from anytime_fl.runtime import initial_state, model_and_spec
+from core.config import ConfigError, check_depths, validate
+from core.records import to_numpy, to_record
 from fedtasks.base import DataError
-from fedtasks.stats import write_partition_stats
 from fedtasks.task import load_test
-from strategies.registry import STRATEGIES, build_strategy
+from runtime.models import initial_state, model_and_spec
+from strategies.registry import build_strategy
 
 from . import checkpoint, results
 from .evaluation import ServerEvaluator
@@ -42,16 +41,14 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, user_cfg: dict) -> Path:
     cfg = validate(user_cfg)
-    if cfg["strategy"] not in STRATEGIES:
-        raise ConfigError("strategy", f"unknown strategy {cfg['strategy']!r}; known: {', '.join(sorted(STRATEGIES))}")
+    strategy = build_strategy(cfg["strategy"], cfg)  # a bad name stops the run before any heavy work
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, spec = model_and_spec(cfg)
     check_depths(cfg, model.num_blocks)
     test_set = load_test(cfg, spec)
     run_dir, resumed = open_run_dir(cfg)
-    write_partition_stats(cfg, run_dir, len(list(grid.get_node_ids())))
+    results.write_partition_stats(cfg, run_dir, len(list(grid.get_node_ids())))
 
-    strategy = build_strategy(cfg["strategy"], cfg)
     arrays = initial_state(cfg)
     start = 1
     if resumed is not None:

@@ -43,7 +43,7 @@ def write_anytime(run_dir: Path, model: AnytimeViT, test_set, arrays: dict[str, 
 
 def draw_plots(run_dir: Path) -> list[Path]:
     try:
-        from anytime_fl.plots import draw
+        from .plots import draw
 
         paths = draw(run_dir)
         log(INFO, "Plots: %s", ", ".join(p.name for p in paths))

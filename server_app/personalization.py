@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from anytime_fl.records import to_record
+from core.records import to_record
 
 FILE = "personalization.json"
 

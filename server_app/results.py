@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from flwr.common.logger import log
 from safetensors.numpy import save_file
+
+from fedtasks import stats
 
 RESULTS = "results.jsonl"
 CSV = "results.csv"
@@ -64,4 +69,21 @@ def save_weights(run_dir: Path, arrays: dict[str, np.ndarray], metadata: dict) -
     path = Path(run_dir) / WEIGHTS
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
               metadata={k: json.dumps(v) for k, v in metadata.items()})
+    return path
+
+
+def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int) -> Path | None:
+    """The ServerApp's hook: partition-stats.json in the run folder, one log line.
+
+    `num_partitions` is the number of connected nodes (in simulation, every
+    node); with none connected yet there is nothing to describe.
+    """
+    if num_partitions < 1:
+        log(INFO, "No nodes connected yet: partition statistics not written")
+        return None
+    doc = stats.document(cfg, num_partitions)
+    path = stats.write_json(doc, Path(run_dir) / stats.FILE)
+    e, c = doc["summary"]["examples-per-partition"], doc["summary"]["classes-per-partition"]
+    log(INFO, "%s over %d partitions: examples min/median/max %d/%g/%d, classes %d/%g/%d of %d (%s)",
+        cfg["task"], num_partitions, e["min"], e["median"], e["max"], c["min"], c["median"], c["max"], doc["num-classes"], path)
     return path

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from anytime_fl.config import ConfigError
+from core.config import ConfigError
 
 from . import checkpoint
 

@@ -8,12 +8,13 @@ it was). Subclasses change how deltas are combined (`reduce`) or applied
 (`server_update`), keep per-parameter state in `self.slots`, and read their
 hyper-parameters from the run config in `config_kwargs`.
 
-What is reused from Flower: the Strategy/FedAvg plumbing (sampling,
-`start`, summary). What is not: FedAvg's `aggregate_train` and the
-aggregation of Flower's FedAvgM/FedAdam/FedYogi/FedProx/FedMedian/
-FedTrimmedAvg, which all start from `aggregate_arrayrecords` and so reject
-replies whose keys differ (see DESIGN.md); their rules are a few lines each
-on one parameter's deltas, restated in the subclasses.
+What is reused from Flower: FedAvg's constructor and message keys, and
+node sampling. What is not: FedAvg's `aggregate_train` and the aggregation
+of Flower's FedAvgM/FedAdam/FedYogi/FedProx/FedMedian/FedTrimmedAvg, which
+all start from `aggregate_arrayrecords` and so reject replies whose keys
+differ; their rules are a few lines each on one parameter's deltas,
+restated in the subclasses. The round loop is the ServerApp's own
+(server_app/app.py), not `Strategy.start`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from adapters.naming import param_block
-from anytime_fl.codec import CodecError, decode, is_packed, payload_bytes
-from anytime_fl.config import parse_tier_names, parse_tiers
-from anytime_fl.records import to_numpy, to_record
+from core.naming import param_block
+from core.codec import CodecError, decode, is_packed, payload_bytes
+from core.config import parse_tier_names, parse_tiers
+from core.records import to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
 
@@ -52,7 +53,17 @@ class Update:
 
 
 class DepthAwareFedAvg(FedAvg):
-    """Per-parameter weighted average over the clients that trained it."""
+    """Per-parameter weighted average over the clients that trained it.
+
+    Args:
+        fraction_train: share of the connected nodes sampled to train each round.
+        fraction_evaluate: share sampled for federated evaluation (0 = none).
+        min_nodes: the fewest nodes a round samples and waits for.
+        server_lr: step size on the combined delta; 0 or None = the class's
+            `default_server_lr` (1 for the averaging rules).
+        tier_names: depth -> tier name, for the per-tier counts in logs and results.
+        **kwargs: passed on to Flower's `FedAvg` (e.g. `arrayrecord_key`).
+    """
 
     default_server_lr = 1.0
     slots: tuple[str, ...] = ()  # names of per-parameter optimiser state

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anytime_fl.config import ConfigError
+from core.config import ConfigError
 
 from .depth_fedavg import DepthAwareFedAvg
 from .fedadam import DepthAwareFedAdam

@@ -3,7 +3,7 @@
 It answers `send_and_receive` by calling the real ClientApp handlers
 (`client_app.app.train` / `evaluate_exits`) with hand-built Flower Contexts,
 one per node, whose state persists across rounds as a SuperNode's would
-(`anytime_fl.localgrid.LocalGrid` does the delivery). On top of it the fake
+(`tests.localgrid.LocalGrid` does the delivery). On top of it the fake
 grid records every message it delivered, can re-raise client exceptions
 instead of turning them into error replies (so a test fails where the bug
 is), and can simulate Ctrl-C by raising KeyboardInterrupt when a given
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import pytest
 from flwr.app import Message, MessageType
 
-from anytime_fl.localgrid import LocalGrid
+from tests.localgrid import LocalGrid
 
 
 class FakeGrid(LocalGrid):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from anytime_fl.localgrid import ensure_task_identity
-from anytime_fl.records import to_record
+from tests.localgrid import ensure_task_identity
+from core.records import to_record
 
 ensure_task_identity()
 

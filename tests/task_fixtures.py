@@ -14,7 +14,7 @@ import soundfile as sf
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from anytime_fl.config import validate
+from core.config import validate
 from fedtasks.task import get_task
 
 RATE = 16_000
@@ -246,8 +246,8 @@ def fake_hub(monkeypatch, data) -> list:
 
 def clear_caches() -> None:
     """Forget every per-process dataset, partitioner and tensor cache."""
-    from fedtasks import sources, task
+    from fedtasks import base, sources
 
     sources._splits.clear()
     sources._federated.clear()
-    task._cache.clear()
+    base._cache.clear()

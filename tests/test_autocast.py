@@ -8,7 +8,7 @@ from adapters.backbone import load_backbone
 from adapters.model import AnytimeViT
 from adapters.state import get_state
 from adapters.training import TrainSettings, train_local
-from anytime_fl.config import ConfigError, validate
+from core.config import ConfigError, validate
 
 
 def test_bf16_training_lowers_the_loss_and_keeps_float32_parameters():

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from adapters.naming import param_block
+from core.naming import param_block
 from adapters.state import get_state
-from anytime_fl.config import validate
-from anytime_fl.records import to_numpy
-from anytime_fl.runtime import model_and_spec
+from core.config import validate
+from core.records import to_numpy
+from runtime.models import model_and_spec
 from client_app.app import evaluate_exits, train
 from tests.flowerkit import TINY, context, train_message
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from anytime_fl.codec import GAPS, MASK, VALUES, CodecError, decode, payload_bytes, topk_encode
+from core.codec import GAPS, MASK, VALUES, CodecError, decode, payload_bytes, topk_encode
 
 SHAPES = {"adapters.0.a": (4, 5), "adapters.0.b": (7,), "heads.0.w": (3, 11)}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from anytime_fl.config import KEYS, ConfigError, check_depths, defaults, validate
+from core.config import GROUPS, KEYS, ConfigError, check_depths, defaults, keys_in, markdown_table, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,31 @@ def test_every_key_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     missing = [k.name for k in KEYS if f"`{k.name}`" not in readme]
     assert not missing, f"README lacks: {missing}"
+
+
+def test_readme_holds_the_generated_run_config_table():
+    # `python -m core.config` prints it; paste it into the README's "Run config".
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_every_key_has_a_group_and_the_caches_follow_the_groups():
+    assert all(k.group in GROUPS for k in KEYS)
+    assert {"backbone", "adapter-width", "task", "seed", "device"} <= set(keys_in("model"))
+    assert {"task", "data-dir", "dirichlet-alpha", "val-fraction", "seed"} <= set(keys_in("data"))
+    assert "lr" not in keys_in("model") and "lr" not in keys_in("data")
+
+
+def test_train_settings_come_from_the_training_keys():
+    from adapters.training import TrainSettings
+
+    cfg = validate({"lr": 0.05, "local-epochs": 2, "personalize-epochs": 4, "personalize-lr": 0.002, "exit-loss": "mean"})
+    fed = TrainSettings.from_config(cfg, prox_mu=0.1)
+    assert (fed.epochs, fed.lr, fed.exit_loss, fed.prox_mu) == (2, 0.05, "mean", 0.1)
+    own = TrainSettings.from_config(cfg, personalize=True)
+    assert (own.epochs, own.lr, own.exit_loss, own.prox_mu) == (4, 0.002, "mean", 0.0)
+    # every key that names a setting names a real field
+    fields = set(TrainSettings.__dataclass_fields__)
+    assert {k.setting for k in KEYS if k.setting} <= fields
 
 
 def test_defaults_validate():

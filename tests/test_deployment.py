@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from anytime_fl.config import ConfigError, validate
-from client_app.device import node_run_config
+from core.config import ConfigError, validate
+from client_app.tiers import node_run_config
 from server_app import results
 
 ROOT = Path(__file__).resolve().parents[1]

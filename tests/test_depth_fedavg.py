@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from anytime_fl.records import to_numpy, to_record
+from core.records import to_numpy, to_record
 from strategies.depth_fedavg import DepthAwareFedAvg
 from tests.flowerkit import reply
 

@@ -6,7 +6,7 @@ import torch
 
 from adapters.backbone import BackboneError, frozen_state_digest, load_backbone
 from adapters.model import AnytimeViT
-from adapters.naming import param_block
+from core.naming import param_block
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, train_local
 

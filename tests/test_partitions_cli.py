@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from anytime_fl.cli import main as cli
-from anytime_fl.config import validate
-from anytime_fl.partitions import parse_run_config
+from core.config import validate
+from core.config import parse_run_config
 from fedtasks.registry import TASKS
-from fedtasks.stats import FILE, write_partition_stats
+from fedtasks.stats import FILE
+from server_app.results import write_partition_stats
 from tests.task_fixtures import cfg, hf_cache, make_femnist_parquet  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]

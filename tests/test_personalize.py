@@ -8,11 +8,11 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from safetensors.numpy import load_file
 
 import client_app.personalize as personalize_mod
-from adapters.naming import param_block
+from core.naming import param_block
 from adapters.state import get_state
-from anytime_fl.config import validate
-from anytime_fl.records import to_record
-from anytime_fl.runtime import model_and_spec
+from core.config import validate
+from core.records import to_record
+from runtime.models import model_and_spec
 from client_app.app import evaluate_exits
 from server_app import checkpoint, results
 from server_app.app import run

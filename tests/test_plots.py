@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from anytime_fl import plots
+from server_app import plots
 from server_app import results
 from server_app.finish import draw_plots
 

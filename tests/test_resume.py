@@ -12,8 +12,8 @@ from flwr.app import MessageType
 from safetensors.numpy import load_file
 
 from adapters.state import get_state, set_state
-from anytime_fl.config import validate
-from anytime_fl.runtime import model_and_spec
+from core.config import validate
+from runtime.models import model_and_spec
 from server_app import checkpoint, results
 from server_app.app import run
 from server_app.personalization import FILE as PERSONALIZATION

@@ -6,8 +6,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from safetensors.numpy import load_file
 
-from anytime_fl.config import validate
-from anytime_fl.runtime import initial_state
+from core.config import validate
+from runtime.models import initial_state
 from client_app.app import app as client_app
 from server_app import results
 from server_app.app import run

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from anytime_fl.codec import topk_encode
-from anytime_fl.config import ConfigError, validate
-from anytime_fl.records import to_numpy, to_record
+from core.codec import topk_encode
+from core.config import ConfigError, validate
+from core.records import to_numpy, to_record
 from strategies.registry import STRATEGIES, build_strategy
 from tests.flowerkit import reply
 
@@ -202,7 +202,7 @@ def test_sparse_updates_are_decoded_from_the_senders_depth():
 
 
 def _decoded(payload, depth):
-    from anytime_fl.codec import decode
+    from core.codec import decode
 
     layout = [k for k in GLOBAL if BLOCK[k] <= depth]
     return decode(payload, {k: v.shape for k, v in GLOBAL.items()}, layout)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from datasets import DatasetDict
 
-from anytime_fl.config import ConfigError, validate
+from core.config import ConfigError, validate
 from fedtasks.base import DataError, InputSpec
 from fedtasks.cifar100 import CLASSES
 from fedtasks.task import get_task, load_partition, load_test, partition_stats

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from anytime_fl.config import ConfigError, validate
+from core.config import ConfigError, validate
 from fedtasks.audio import FEATURE_SHAPE
 from fedtasks.base import DataError, InputSpec
 from fedtasks.speechcommands import CLASSES, WORDS

@@ -2,8 +2,8 @@
 
 import pytest
 
-from anytime_fl.config import ConfigError, validate
-from client_app.device import client_depth, tier_of
+from core.config import ConfigError, validate
+from client_app.tiers import client_depth, tier_of
 
 
 def test_even_tiers_cycle_over_partitions():

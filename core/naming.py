@@ -23,7 +23,3 @@ def param_block(name: str) -> int:
 def names_up_to(names, depth: int) -> list[str]:
     """The parameters a client that runs blocks 1..depth trains."""
     return [n for n in names if param_block(n) <= depth]
-
-
-def param_depths(names) -> dict[str, int]:
-    return {n: param_block(n) for n in names}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from anytime_fl.config import ConfigError, parse_tiers
+from core.config import ConfigError, check_depth, parse_tiers
 
 
 def partition_of(node_config: dict[str, Any]) -> tuple[int, int]:
@@ -45,13 +45,11 @@ def client_depth(node_config: dict[str, Any], cfg: dict[str, Any], num_blocks: i
             depth = int(node_config["max-depth"])
         except (TypeError, ValueError):
             raise ConfigError("node-config max-depth", f"must be an integer, got {node_config['max-depth']!r}")
-        if not 1 <= depth <= num_blocks:
-            raise ConfigError("node-config max-depth", f"must be in 1..{num_blocks}, got {depth}")
+        check_depth("node-config max-depth", depth, num_blocks)
         return depth
     pid, n = partition_of(node_config)
     depth = parse_tiers(cfg)[tier_of(pid, n, cfg)]
-    if not 1 <= depth <= num_blocks:
-        raise ConfigError("tiers", f"depth {depth} is outside 1..{num_blocks}")
+    check_depth("tiers", depth, num_blocks)
     return depth
 
 

@@ -11,13 +11,11 @@ from typing import Any
 from adapters.build import build_model, input_spec_fields, resolve_device
 from adapters.model import AnytimeViT
 from adapters.state import get_state
+from core.config import keys_in
 from fedtasks.base import InputSpec
 from fedtasks.task import get_task
 
-_MODEL_KEYS = (
-    "backbone", "backbone-weights", "pretrained", "img-size", "patch-size", "adapter-width",
-    "adapter-heads", "adapter-mlp-ratio", "shared-adapter", "task", "seed", "device",
-)
+_MODEL_KEYS = keys_in("model")
 _models: dict[tuple, tuple[AnytimeViT, InputSpec]] = {}
 _initial: dict[tuple, dict] = {}
 
