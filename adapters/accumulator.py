@@ -13,7 +13,16 @@ from torch import nn
 
 
 class AccumulatorAdapter(nn.Module):
-    """One attention layer of width `width` over [q; c_1 .. c_l]."""
+    """One attention layer of width `width` over [q; c_1 .. c_l].
+
+    Args:
+        embed_dim: the backbone's token width (the CLS tokens it reads).
+        max_len: the most CLS tokens it will read (the backbone's blocks),
+            which sizes its position embedding.
+        width: attention width after the down-projection (`adapter-width`).
+        heads: attention heads (`adapter-heads`); must divide `width`.
+        mlp_ratio: the MLP's hidden size as a multiple of `width`.
+    """
 
     def __init__(self, embed_dim: int, max_len: int, width: int = 32, heads: int = 2, mlp_ratio: float = 2.0):
         super().__init__()
@@ -54,7 +63,12 @@ class AccumulatorAdapter(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """logits_l = Linear(LayerNorm(m_0 + c_l))."""
+    """logits_l = Linear(LayerNorm(m_0 + c_l)).
+
+    Args:
+        embed_dim: the backbone's token width.
+        num_classes: the task's classes.
+    """
 
     def __init__(self, embed_dim: int, num_classes: int):
         super().__init__()

@@ -9,6 +9,15 @@ from adapters.training import evaluate
 
 
 class ServerEvaluator:
+    """Test accuracy and loss of every exit for a set of global adapter arrays.
+
+    Args:
+        model: the AnytimeViT whose adapters and heads are overwritten with
+            each call's arrays (the backbone stays as built).
+        test_set: the server's test set, already brought to the backbone's input.
+        batch_size: evaluation batch size (`eval-batch-size`).
+    """
+
     def __init__(self, model, test_set, batch_size: int):
         self.model = model
         self.loader = DataLoader(test_set, batch_size=batch_size)

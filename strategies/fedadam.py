@@ -15,6 +15,11 @@ class DepthAwareFedAdam(DepthAwareFedAvg):
     t counts the rounds in which this parameter was updated: the blocks of
     deep tiers are updated in fewer rounds than shallow ones, so one global
     round counter would under-correct their bias.
+
+    Args:
+        beta1, beta2: decays of the first and second moments (`beta1`, `beta2`).
+        tau: added to the root of the second moment (`tau`).
+        **kwargs: as for DepthAwareFedAvg.
     """
 
     default_server_lr = 1e-2

@@ -12,6 +12,10 @@ class DepthAwareFedAvgM(DepthAwareFedAvg):
 
     A parameter's momentum only advances in rounds where someone sent it:
     a tier that sat out a round must not be pushed by stale momentum.
+
+    Args:
+        momentum: the server momentum (`server-momentum`).
+        **kwargs: as for DepthAwareFedAvg.
     """
 
     slots = ("momentum",)

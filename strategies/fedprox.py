@@ -7,7 +7,12 @@ from .depth_fedavg import DepthAwareFedAvg
 
 class DepthAwareFedProx(DepthAwareFedAvg):
     """Server side is FedAvg; every train message carries `proximal-mu`, and
-    the client adds mu/2 * ||w - w_received||^2 over what it trains."""
+    the client adds mu/2 * ||w - w_received||^2 over what it trains.
+
+    Args:
+        proximal_mu: the proximal term's weight (`proximal-mu`).
+        **kwargs: as for DepthAwareFedAvg.
+    """
 
     def __init__(self, *, proximal_mu: float = 0.01, **kwargs):
         super().__init__(**kwargs)

@@ -10,7 +10,12 @@ from .depth_fedavg import DepthAwareFedAvg
 class DepthAwareTrimmedMean(DepthAwareFedAvg):
     """Per coordinate, drop the floor(trim * n) largest and smallest of the n
     senders' values and average the rest (unweighted, as for the median).
-    With fewer than 1/trim senders nothing is trimmed: it is the mean."""
+    With fewer than 1/trim senders nothing is trimmed: it is the mean.
+
+    Args:
+        trim_fraction: the share dropped at each end (`trim-fraction`).
+        **kwargs: as for DepthAwareFedAvg.
+    """
 
     def __init__(self, *, trim_fraction: float = 0.2, **kwargs):
         super().__init__(**kwargs)
