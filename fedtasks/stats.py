@@ -85,7 +85,7 @@ def write_csv(doc: dict, path: Path) -> Path:
     return path
 
 
-def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int) -> Path | None:
+def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int, doc: dict | None = None) -> Path | None:
     """The ServerApp's hook: partition-stats.json in the run folder, one log line.
 
     `num_partitions` is the number of connected nodes (in simulation, every
@@ -96,7 +96,7 @@ def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: in
     if num_partitions < 1:
         log(INFO, "No nodes connected yet: partition statistics not written")
         return None
-    doc = document(cfg, num_partitions)
+    doc = doc or document(cfg, num_partitions)
     path = write_json(doc, Path(run_dir) / FILE)
     e, c = doc["summary"]["examples-per-partition"], doc["summary"]["classes-per-partition"]
     log(INFO, "%s over %d partitions: examples min/median/max %d/%g/%d, classes %d/%g/%d of %d (%s)",

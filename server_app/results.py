@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
+from flwr.common.logger import log
 from safetensors.numpy import save_file
 
 RESULTS = "results.jsonl"
@@ -30,10 +33,24 @@ def flatten(row: dict, prefix: str = "") -> dict:
 
 
 def read_rows(run_dir: Path) -> list[dict]:
+    """The rows of results.jsonl; a damaged line (e.g. cut by a crash mid-write) is reported and skipped."""
     path = Path(run_dir) / RESULTS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            log(WARNING, "%s line %d is damaged (cut off by a crash?) and is left out; the %d rows before it are kept",
+                path, number, len(rows))
+            continue
+        rows.append(row)
+    return rows
 
 
 def append_row(run_dir: Path, row: dict) -> None:
@@ -45,7 +62,10 @@ def append_row(run_dir: Path, row: dict) -> None:
 def truncate_after(run_dir: Path, server_round: int) -> None:
     """Drop rows past a checkpoint's round (they are re-run on resume)."""
     rows = [r for r in read_rows(run_dir) if r["round"] <= server_round]
-    (Path(run_dir) / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = Path(run_dir) / RESULTS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)  # a crash here leaves the old file whole
     write_csv(run_dir)
 
 
