@@ -96,7 +96,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, record, ConfigRecord(), grid), timeout=cfg["round-timeout"]
         )
-        replies = list(replies)
+        replies = in_partition_order(replies)
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_record is not None:
             arrays = to_numpy(new_record)
@@ -120,6 +120,19 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     # anytime.json, personalisation round (personalization.json), PNG plots
     finish_run(grid, cfg, model, test_set, arrays, run_dir)
     return run_dir
+
+
+def in_partition_order(replies) -> list:
+    """Replies sorted by partition: float sums then do not depend on arrival order, so a
+    resumed run ends with the same weights as an uninterrupted one."""
+    def key(msg):
+        if not msg.has_error() and "metrics" in msg.content.metric_records:
+            pid = msg.content.metric_records["metrics"].get("partition-id")
+            if isinstance(pid, int):
+                return (0, pid)
+        return (1, 0)
+
+    return sorted(replies, key=key)
 
 
 def model_sizes(model, arrays) -> dict:

@@ -38,7 +38,12 @@ def wait_for_nodes(grid: Grid, cfg: dict[str, Any], clock=time.monotonic, sleep=
 
 def partition_document(cfg: dict[str, Any], num_nodes: int) -> dict:
     """partition-stats of the federation, refusing one where a client would get no training example."""
-    doc = document(cfg, num_nodes)
+    try:
+        doc = document(cfg, num_nodes)
+    except ValueError as err:  # the partitioner's own complaint, e.g. more partitions than it can fill
+        if isinstance(err, (ConfigError, DataError)):
+            raise
+        raise DataError(f"cannot split task {cfg['task']!r} over {num_nodes} nodes: {err}") from None
     empty = [r["partition-id"] for r in doc["partitions"] if r["examples"] < 1]
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
