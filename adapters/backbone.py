@@ -8,9 +8,11 @@ the default run works with no network.
 
 from __future__ import annotations
 
+from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .compat import import_timm
@@ -84,9 +86,11 @@ def load_backbone(
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
         model = timm.create_model(name, pretrained=bool(weights) or pretrained, **kwargs)
-    except (RuntimeError, OSError) as err:
+    except (RuntimeError, OSError, SafetensorError, UnpicklingError, EOFError) as err:
+        # A damaged weights file: one line naming it, not the loader's traceback.
         key = "backbone-weights" if weights else "pretrained" if pretrained else "backbone"
-        raise BackboneError(key, f"could not build {name!r}: {err}") from err
+        what = f"{weights}: not a readable weights file" if weights else f"could not build {name!r}"
+        raise BackboneError(key, f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(model, VisionTransformer):
         raise BackboneError("backbone", f"{name!r} is not a plain ViT/DeiT (got {type(model).__name__})")
     if getattr(model, "cls_token", None) is None:

@@ -36,13 +36,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_partitions < 1:
             raise ConfigError("--num-partitions", f"must be >= 1, got {args.num_partitions}")
         cfg = validate(parse_run_config(args.run_config))
-        doc = document(cfg, args.num_partitions)
+        try:
+            doc = document(cfg, args.num_partitions)
+        except ValueError as err:  # the partitioner's own complaint, e.g. more partitions than it can fill
+            if isinstance(err, (ConfigError, DataError)):
+                raise
+            raise ConfigError("--num-partitions", f"cannot split task {cfg['task']!r} into {args.num_partitions} "
+                                                  f"partitions: {err}") from None
+        out = Path(args.out).expanduser()
+        paths = [out.with_name(out.name + ".json"), out.with_name(out.name + ".csv")]
+        try:
+            write_json(doc, paths[0])
+            write_csv(doc, paths[1])
+        except OSError as err:
+            raise ConfigError("--out", f"cannot write {err.filename or out}: {err.strerror or err}") from None
     except (ConfigError, DataError) as err:
         print(f"anytime-fl partitions: {err}", file=sys.stderr)
         return 2
     print(table(doc))
-    out = Path(args.out)
-    paths = [write_json(doc, out.with_name(out.name + ".json")), write_csv(doc, out.with_name(out.name + ".csv"))]
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
 

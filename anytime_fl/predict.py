@@ -7,8 +7,7 @@ Loads the frozen backbone and the adapter file a run wrote
 for images (PNG/JPEG, anything PIL reads) or audio files (.wav/.flac, turned
 into a log-mel image by the speech task). `--exit N` stops every input at
 exit N; `--threshold T` stops each input at the first exit whose softmax
-confidence reaches T (0 = always exit 1, above 1 = always the last exit
-allowed by `--max-depth`). Without either, the last exit answers. For each
+confidence reaches T, in [0, 1] (0 = always exit 1). Without either, the last exit answers. For each
 input it prints the class, the exit used, the blocks run and the FLOPs
 spent (torch's FlopCounterMode, see adapters/anytime.py).
 """
@@ -149,7 +148,7 @@ def predict(model, x: torch.Tensor, *, exit_at: int | None = None, threshold: fl
         threshold, max_depth = 2.0, exit_at
     elif threshold is None:
         threshold = 2.0
-    depth = max_depth or model.num_blocks
+    depth = model.num_blocks if max_depth is None else max_depth
     if not 1 <= depth <= model.num_blocks:
         raise PredictError(f"--max-depth must be in 1..{model.num_blocks}, got {depth}")
     out = early_exit(model, x, threshold, depth)
@@ -168,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--exit", type=int, help="stop every input at this exit (1 = after the first block)")
     how.add_argument("--threshold", type=float,
-                     help="stop each input at the first exit whose softmax confidence >= this (0..1; >1 = never early)")
+                     help="stop each input at the first exit whose softmax confidence >= this (0..1)")
     parser.add_argument("--max-depth", type=int, default=None, help="deepest exit --threshold may use (device budget)")
     parser.add_argument("--backbone-weights", default=None,
                         help="backbone weights file to use instead of the one in the run config")
     parser.add_argument("--json", action="store_true", help="one JSON object per input instead of a table")
     args = parser.parse_args(argv)
     try:
+        if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # also refuses nan
+            raise PredictError(f"--threshold must be in [0, 1], got {args.threshold}")
+        if args.max_depth is not None and args.max_depth < 1:
+            raise PredictError(f"--max-depth must be >= 1, got {args.max_depth}")
         model, spec, cfg = load_run(args.adapters, args.backbone_weights)
         if not cfg["backbone-weights"] and not cfg["pretrained"]:
             print("anytime-fl predict: warning: the run used a random backbone (backbone-weights=''); "

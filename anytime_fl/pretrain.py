@@ -77,7 +77,7 @@ def remake_command(out: str, epochs: int, batch_size: int, lr: float, train_limi
             "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed)]
     if train_limit:
         args += ["--train-limit", str(train_limit)]
-    return shlex.join(args)
+    return shlex.join(args + ["--force"])
 
 
 def pretrain(
@@ -187,7 +187,7 @@ def _positive(kind):
     return parse
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anytime_fl.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file to write (default: %(default)s)")
     parser.add_argument("--epochs", type=_positive(int), default=8)
@@ -196,13 +196,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX .gz files")
     parser.add_argument("--train-limit", type=_positive(int), default=None, help="use only the first N train images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing --out file (the default --out is the shipped backbone)")
     args = parser.parse_args(argv)
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        shipped = " (the shipped backbone every default run uses)" if out.resolve() == Path(DEFAULT_OUT) else ""
+        parser.exit(2, f"{parser.prog}: error: {out} exists{shipped}; pass --out NEW_FILE, or --force to overwrite it\n")
     try:
-        return pretrain(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        pretrain(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         data_dir=args.data_dir, train_limit=args.train_limit, seed=args.seed)
     except (FileNotFoundError, ValueError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

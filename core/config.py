@@ -75,6 +75,10 @@ def _open_fraction(v):
     return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
 
 
+def _val_fraction(v):
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1): a client needs at least one training example"
+
+
 def _decay(v):
     return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
 
@@ -124,6 +128,7 @@ KEYS: tuple[Key, ...] = (
         Key("fraction-train", 1.0, "Fraction of connected nodes sampled for training each round.", _open_fraction),
         Key("fraction-evaluate", 0.5, "Fraction of nodes sampled for federated evaluation on their validation split (0 turns it off).", _fraction),
         Key("min-nodes", 2, "Minimum nodes to sample for training/evaluation and to wait for before a round starts.", _positive),
+        Key("min-nodes-timeout", 600, "Seconds the server waits before round 1 for `min-nodes` nodes to connect; then it stops, saying how many came.", _positive),
         Key("round-timeout", 3600, "Seconds the server waits for replies in a round; late nodes are left out of it.", _positive),
     ),
     # server aggregation
@@ -177,7 +182,7 @@ KEYS: tuple[Key, ...] = (
         Key("dirichlet-alpha", 0.5, "Dirichlet concentration of the label-skewed split (smaller = more heterogeneous).", _positive),
         Key("hub-dataset", "", "Hugging Face dataset ('name' or 'name:config') a task loads when data-dir is '' ('' = the task's own: uoft-cs/cifar100, flwrlabs/femnist, google/speech_commands:v0.02)."),
         Key("speech-classes", 12, "Speech Commands classes: 12 (10 words + silence + unknown) or 35 (all words).", _speech_classes),
-        Key("val-fraction", 0.2, "Share of each client's partition held out for validation.", _fraction),
+        Key("val-fraction", 0.2, "Share of each client's partition held out for validation (below 1: every client keeps at least one training example).", _val_fraction),
         Key("seed", 42, "Seed of partitioning, splits and initialisation.", shapes=('model',)),
     ),
     # outputs
@@ -246,6 +251,7 @@ def validate(user: dict[str, Any]) -> dict[str, Any]:
             if complaint:
                 raise ConfigError(name, f"{complaint} (got {value!r})")
         out[name] = value
+    _check_together(out)
     return out
 
 
@@ -262,6 +268,17 @@ def parse_run_config(items: list[str]) -> dict:
         except Exception as err:  # noqa: BLE001 - flwr raises click/toml errors
             raise ConfigError("--run-config", f"cannot parse {item!r}: {getattr(err, 'message', err)}") from None
     return user
+
+
+def _check_together(cfg: dict[str, Any]) -> None:
+    """Checks of keys that must agree with each other (each alone passed)."""
+    tiers = parse_tiers(cfg)
+    if cfg["tier-assignment"] != "even":
+        fractions = str(cfg["tier-assignment"]).split(",")
+        if len(fractions) != len(tiers):
+            raise ConfigError("tier-assignment", f"has {len(fractions)} fractions for {len(tiers)} tiers "
+                                                 f"(tiers={cfg['tiers']!r}): give one per tier")
+    parse_tier_names(cfg)
 
 
 def parse_tiers(cfg: dict[str, Any]) -> list[int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -21,12 +23,20 @@ from fedtasks.task import load_test
 from runtime.models import initial_state, model_and_spec
 from strategies.registry import build_strategy
 
-from . import checkpoint, results
+from . import checkpoint, lock, preflight, results
 from .evaluation import ServerEvaluator
 from .finish import finish_run
 from .rundir import open_run_dir
 
 app = ServerApp()
+
+
+class RunFailed(Exception):
+    """The run stopped on a configuration or data problem (already logged in one line)."""
+
+
+# Processes Flower starts for one run; only there may the traceback limit change.
+_FLOWER_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 
 
 @app.main()
@@ -36,9 +46,15 @@ def main(grid: Grid, context: Context) -> None:
     except (ConfigError, BackboneError, DataError, FileNotFoundError) as err:
         # A configuration or data problem: one clear line, not a traceback.
         log(ERROR, "anytime-fl stopped: %s", err)
-        raise SystemExit(2) from None
+        # Flower marks a run failed (and its process exits non-zero) only when
+        # the ServerApp raises an Exception; a SystemExit counts as success.
+        # It logs that exception with its traceback: the line above says it all.
+        if os.path.basename(sys.argv[0]) in _FLOWER_PROCESSES:
+            sys.tracebacklimit = 0
+        raise RunFailed(f"anytime-fl stopped: {err}") from None
 
 
+@lock.releasing
 def run(grid: Grid, user_cfg: dict) -> Path:
     cfg = validate(user_cfg)
     strategy = build_strategy(cfg["strategy"], cfg)  # a bad name stops the run before any heavy work
@@ -46,8 +62,10 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     model, spec = model_and_spec(cfg)
     check_depths(cfg, model.num_blocks)
     test_set = load_test(cfg, spec)
+    num_nodes = preflight.wait_for_nodes(grid, cfg)
+    partitions = preflight.partition_document(cfg, num_nodes)
     run_dir, resumed = open_run_dir(cfg)
-    results.write_partition_stats(cfg, run_dir, len(list(grid.get_node_ids())))
+    results.write_partition_stats(cfg, run_dir, num_nodes, doc=partitions)
 
     arrays = initial_state(cfg)
     start = 1
@@ -75,7 +93,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, record, ConfigRecord(), grid), timeout=cfg["round-timeout"]
         )
-        replies = list(replies)
+        replies = in_partition_order(replies)
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_record is not None:
             arrays = to_numpy(new_record)
@@ -92,13 +110,26 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         results.append_row(run_dir, row)
         log(INFO, format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
-            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), {"run-dir": str(run_dir)})
+            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), {"run-dir": str(run_dir), "config": cfg})
 
     path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
     log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)
     # anytime.json, personalisation round (personalization.json), PNG plots
     finish_run(grid, cfg, model, test_set, arrays, run_dir)
     return run_dir
+
+
+def in_partition_order(replies) -> list:
+    """Replies sorted by partition: float sums then do not depend on arrival order, so a
+    resumed run ends with the same weights as an uninterrupted one."""
+    def key(msg):
+        if not msg.has_error() and "metrics" in msg.content.metric_records:
+            pid = msg.content.metric_records["metrics"].get("partition-id")
+            if isinstance(pid, int):
+                return (0, pid)
+        return (1, 0)
+
+    return sorted(replies, key=key)
 
 
 def model_sizes(model, arrays) -> dict:
@@ -131,7 +162,8 @@ def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_met
         "dropped": stats.get("dropped", 0),
         "clients-per-depth": dict(sorted(depth_counts.items(), key=lambda kv: int(kv[0]))),
         "clients-per-tier": stats.get("clients-per-tier", {}),
-        "bytes-up": sum(c.get("bytes-up", 0) for c in per_client),
+        # What the strategy accepted: a dropped reply's bytes trained nothing.
+        "bytes-up": stats.get("bytes-up", sum(c.get("bytes-up", 0) for c in per_client)),
         "bytes-down": sum(c.get("bytes-down", 0) for c in per_client),
         "dense-adapter-bytes": sizes["dense-adapter-bytes"],
         "full-finetune-bytes": sizes["full-finetune-bytes"],

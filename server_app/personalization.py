@@ -29,17 +29,20 @@ def request(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, server_round: 
         Message(content=RecordDict({"arrays": record, "config": config}), message_type=MessageType.EVALUATE, dst_node_id=node)
         for node in grid.get_node_ids()
     ]
-    return list(grid.send_and_receive(messages, timeout=cfg["round-timeout"]))
+    replies = list(grid.send_and_receive(messages, timeout=cfg["round-timeout"]))
+    # A reply the SuperLink writes for a dead node comes from the SuperLink: name the node it was sent to.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
 
-def summarize(replies: list[Message], cfg: dict) -> dict:
+def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
     """Per exit, over the clients that run it: accuracy before/after and the gain's mean, std, min, max."""
     per_exit: dict[int, list[tuple[float, float]]] = {}
     clients, failed, loss_before, loss_after = [], 0, [], []
-    for msg in replies:
+    for node, msg in replies:
         if msg.has_error():
             failed += 1
-            log(WARNING, "personalisation: node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
+            log(WARNING, "personalisation: node %d failed: %s", node, msg.error.reason)
             continue
         m = msg.content.metric_records["metrics"]
         depth = int(m.get("depth", 0))

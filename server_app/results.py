@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-from logging import INFO
+import os
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,24 @@ def flatten(row: dict, prefix: str = "") -> dict:
 
 
 def read_rows(run_dir: Path) -> list[dict]:
+    """The rows of results.jsonl; a damaged line (e.g. cut by a crash mid-write) is reported and skipped."""
     path = Path(run_dir) / RESULTS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            log(WARNING, "%s line %d is damaged (cut off by a crash?) and is left out; the %d rows before it are kept",
+                path, number, len(rows))
+            continue
+        rows.append(row)
+    return rows
 
 
 def append_row(run_dir: Path, row: dict) -> None:
@@ -50,7 +65,10 @@ def append_row(run_dir: Path, row: dict) -> None:
 def truncate_after(run_dir: Path, server_round: int) -> None:
     """Drop rows past a checkpoint's round (they are re-run on resume)."""
     rows = [r for r in read_rows(run_dir) if r["round"] <= server_round]
-    (Path(run_dir) / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = Path(run_dir) / RESULTS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)  # a crash here leaves the old file whole
     write_csv(run_dir)
 
 
@@ -72,7 +90,7 @@ def save_weights(run_dir: Path, arrays: dict[str, np.ndarray], metadata: dict) -
     return path
 
 
-def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int) -> Path | None:
+def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int, doc: dict | None = None) -> Path | None:
     """The ServerApp's hook: partition-stats.json in the run folder, one log line.
 
     `num_partitions` is the number of connected nodes (in simulation, every
@@ -81,7 +99,7 @@ def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: in
     if num_partitions < 1:
         log(INFO, "No nodes connected yet: partition statistics not written")
         return None
-    doc = stats.document(cfg, num_partitions)
+    doc = doc or stats.document(cfg, num_partitions)
     path = stats.write_json(doc, Path(run_dir) / stats.FILE)
     e, c = doc["summary"]["examples-per-partition"], doc["summary"]["classes-per-partition"]
     log(INFO, "%s over %d partitions: examples min/median/max %d/%g/%d, classes %d/%g/%d of %d (%s)",

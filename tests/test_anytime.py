@@ -137,7 +137,7 @@ def test_predict_reports_exit_and_cost(run_dir, model, flops, capsys):
     rows = _predict_json(capsys, run_dir, *files, "--exit", 4)
     assert [(r["exit"], r["blocks"], r["flops"]) for r in rows] == [(4, 4, flops[3])] * 3
     assert [r["exit"] for r in _predict_json(capsys, run_dir, *files, "--threshold", 0)] == [1, 1, 1]
-    deepest = _predict_json(capsys, run_dir / "adapters.safetensors", *files, "--threshold", 1.5)
+    deepest = _predict_json(capsys, run_dir / "adapters.safetensors", *files)
     assert [(r["exit"], r["flops"]) for r in deepest] == [(12, flops[-1])] * 3
     # the prediction is the trained model's: same pixels through the model directly
     pixels = np.asarray(Image.open(files[0]), dtype=np.float32) / 255.0
@@ -173,7 +173,7 @@ def test_predict_reads_wav_through_the_speech_features(run_dir, tmp_path, flops,
     t = np.arange(16_000) / 16_000
     sf.write(tmp_path / "tone.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16_000)
     (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEfmt ")
-    rows = _predict_json(capsys, run_dir, tmp_path / "tone.wav", run_dir / "img0.png", "--threshold", 1.5, "--max-depth", 6)
+    rows = _predict_json(capsys, run_dir, tmp_path / "tone.wav", run_dir / "img0.png", "--max-depth", 6)
     assert [(r["exit"], r["flops"]) for r in rows] == [(6, flops[5])] * 2
     assert predict.main([str(run_dir), str(tmp_path / "broken.wav")]) == 2
     assert "broken.wav" in capsys.readouterr().err

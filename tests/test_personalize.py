@@ -73,7 +73,7 @@ def _reply(depth, before, after, node):
 
 def test_summary_gives_mean_and_spread_of_the_gain_per_exit():
     replies = [_reply(2, [0.5, 0.5], [0.7, 0.6], 1), _reply(1, [0.4], [0.3], 2), _reply(2, [0.2, 0.3], [0.5, 0.3], 3)]
-    s = summarize(replies, validate({}))
+    s = summarize([(m.metadata.src_node_id, m) for m in replies], validate({}))
     assert s["clients"] == 3 and s["failed"] == 0
     e1, e2 = s["exits"]
     gains1 = np.array([0.2, -0.1, 0.3])
