@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .compat import import_timm
+from .errors import BackboneError
 
 timm = import_timm()
 from timm.models import register_model  # noqa: E402
@@ -45,14 +46,6 @@ default_cfgs = generate_default_cfgs(
 def vit_micro_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=12, num_heads=3, mlp_ratio=4.0)
     return _create_vision_transformer("vit_micro_patch7_28", pretrained=pretrained, **dict(args, **kwargs))
-
-
-class BackboneError(ValueError):
-    """A backbone setting that cannot be honoured; `key` names the config key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 def read_card(weights: str | Path) -> dict:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .adamw import AdamW
 from .model import AnytimeViT
 
 
@@ -44,7 +45,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
     params = [p for n, p in model.trainable_named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
     dev = model_device(model)

@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, Partitioner
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from anytime_fl.config import ConfigError
 
-from .base import InputSpec, column, split_indices, tensors
+from .base import DATA_KEYS, InputSpec, client_splits, column, tensors
 
 
 class Task:
@@ -58,10 +58,6 @@ class Task:
         return _cached(("partitioner", _cfg_key(cfg), num_partitions), make).load_partition(partition_id)
 
 
-# Run-config keys that decide what data a task hands out.
-DATA_KEYS = ("task", "data-dir", "hub-dataset", "speech-classes", "dirichlet-alpha", "seed", "val-fraction")
-
-
 def _cfg_key(cfg: dict[str, Any]) -> tuple:
     return tuple(cfg.get(k) for k in DATA_KEYS)
 
@@ -92,9 +88,7 @@ def load_partition(cfg: dict[str, Any], spec: InputSpec, partition_id: int, num_
         task = get_task(cfg)
         part = task.partition(cfg, partition_id, num_partitions)
         images, labels = task.to_arrays(part)
-        full = tensors(images, labels, spec)
-        tr, va = split_indices(len(full), cfg["val-fraction"], cfg["seed"] + partition_id)
-        return Subset(full, tr.tolist()), Subset(full, va.tolist())
+        return client_splits(images, labels, spec, cfg["val-fraction"], cfg["seed"] + partition_id)
 
     return _cached(("part", _cfg_key(cfg), spec, partition_id, num_partitions), make)
 
