@@ -95,6 +95,7 @@ KEYS: tuple[Key, ...] = (
     Key("fraction-evaluate", 0.5, "Fraction of nodes sampled for federated evaluation on their validation split (0 turns it off).", _fraction),
     Key("min-nodes", 2, "Minimum nodes to sample for training/evaluation and to wait for before a round starts.", _positive),
     Key("round-timeout", 3600, "Seconds the server waits for replies in a round; late nodes are left out of it.", _positive),
+    Key("superlink-patience", 300, "Seconds the server retries a failing SuperLink (push or pull, with growing waits) before it stops the run, which then resumes from its last checkpoint with resume=true.", _positive),
     Key("strategy", "fedavg", "Server aggregation strategy by name (see strategies/registry.py)."),
     Key("server-lr", 0.0, "Server learning rate on the aggregated update (0 = the strategy's own: 1 for the averaging strategies, 0.01 for fedadam/fedyogi).", _non_negative),
     Key("server-momentum", 0.9, "Server momentum of fedavgm.", _decay),

@@ -24,6 +24,7 @@ from strategies.registry import STRATEGIES, build_strategy
 
 from . import checkpoint, results
 from .evaluation import ServerEvaluator
+from .exchange import Exchange, SuperLinkUnavailable, duplicate_partitions, warn_duplicates
 from .finish import finish_run
 from .rundir import open_run_dir
 
@@ -38,6 +39,10 @@ def main(grid: Grid, context: Context) -> None:
         # A configuration or data problem: one clear line, not a traceback.
         log(ERROR, "anytime-fl stopped: %s", err)
         raise SystemExit(2) from None
+    except SuperLinkUnavailable as err:
+        # The checkpoint of the last finished round is on disk: say how to go on.
+        log(ERROR, "anytime-fl stopped: %s", err)
+        raise SystemExit(3) from None
 
 
 def run(grid: Grid, user_cfg: dict) -> Path:
@@ -72,26 +77,24 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     log(INFO, "Writing results to %s", run_dir)
 
     num_rounds = cfg["num-server-rounds"]
+    send = Exchange(grid, cfg, run_dir)
     for server_round in range(start, num_rounds + 1):
         t0 = time.time()
         record = to_record(arrays)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, record, ConfigRecord(), grid), timeout=cfg["round-timeout"]
-        )
-        replies = list(replies)
+        replies = send(strategy.configure_train(server_round, record, ConfigRecord(), grid), f"round {server_round} train")
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_record is not None:
             arrays = to_numpy(new_record)
         stats = dict(strategy.last_round)
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
-            eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
-                timeout=cfg["round-timeout"],
-            )
+            eval_replies = send(strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
+                                f"round {server_round} evaluate")
             eval_metrics = strategy.aggregate_evaluate(server_round, list(eval_replies))
         server_eval = evaluator(arrays)
         row = round_row(server_round, time.time() - t0, server_eval, stats, train_metrics, eval_metrics, replies, sizes)
+        row["duplicate-partition-ids"] = duplicate_partitions(replies)
+        warn_duplicates(f"round {server_round}", row["duplicate-partition-ids"])
         results.append_row(run_dir, row)
         log(INFO, format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
