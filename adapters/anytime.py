@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbone import backbone_input
+from .build import backbone_input
 from .model import AnytimeViT
 
 # Dense near 1: trained exits are usually very confident, and that is where

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .compat import import_timm
+from .errors import BackboneError
 
 timm = import_timm()
 from timm.models import register_model  # noqa: E402
@@ -48,12 +49,6 @@ def vit_micro_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer
     return _create_vision_transformer("vit_micro_patch7_28", pretrained=pretrained, **dict(args, **kwargs))
 
 
-class BackboneError(ValueError):
-    """A backbone setting that cannot be honoured; `key` names the config key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 def load_backbone(
@@ -98,17 +93,6 @@ def load_backbone(
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def backbone_input(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) the patch embedding expects."""
-    pe = model.patch_embed
-    h, w = pe.img_size
-    return pe.proj.in_channels, h, w
-
-
-def num_blocks(model: nn.Module) -> int:
-    return len(model.blocks)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .backbone import BackboneError, backbone_input, load_backbone, num_blocks
+from .errors import BackboneError
 from .model import AnytimeViT
 
 SHIPPED = "shipped"
@@ -32,16 +32,20 @@ def resolve_weights(value: str) -> str:
     return str(path)
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, seed: int | None = None) -> AnytimeViT:
-    """Backbone (frozen) + adapters + heads; adapters initialised from `seed`."""
+def build_model(cfg: dict[str, Any], num_classes: int, seed: int | None = None, cache_dir: Path | None = None) -> AnytimeViT:
+    """Backbone (frozen) + adapters + heads; adapters initialised from `seed`.
+
+    With `cache_dir`, the backbone comes from (and goes to) that disk cache.
+    """
     weights = resolve_weights(cfg["backbone-weights"]) if cfg["backbone-weights"] else ""
-    backbone = load_backbone(
-        cfg["backbone"],
-        weights=weights,
-        pretrained=cfg["pretrained"],
-        img_size=cfg["img-size"] or None,
-        patch_size=cfg["patch-size"] or None,
-    )
+    args = dict(name=cfg["backbone"], weights=weights, pretrained=cfg["pretrained"],
+                img_size=cfg["img-size"] or None, patch_size=cfg["patch-size"] or None)
+    if cache_dir is None:
+        backbone = _load_backbone(**args)
+    else:
+        from .backbone_cache import cached_backbone
+
+        backbone = cached_backbone(cache_dir, _load_backbone, **args)
     if cfg["adapter-width"] % cfg["adapter-heads"]:
         raise BackboneError("adapter-heads", f"must divide adapter-width ({cfg['adapter-width']})")
     # The same seed on server and clients gives identical fresh adapters, but
@@ -57,6 +61,24 @@ def build_model(cfg: dict[str, Any], num_classes: int, seed: int | None = None) 
             mlp_ratio=cfg["adapter-mlp-ratio"],
             shared_adapter=cfg["shared-adapter"],
         )
+
+
+def _load_backbone(name: str, **kwargs):
+    # timm is imported only when a backbone is really built through it.
+    from .backbone import load_backbone
+
+    return load_backbone(name, **kwargs)
+
+
+def num_blocks(model) -> int:
+    return len(model.blocks)
+
+
+def backbone_input(model) -> tuple[int, int, int]:
+    """(channels, height, width) the backbone's patch embedding expects."""
+    pe = model.patch_embed
+    h, w = pe.img_size
+    return pe.proj.in_channels, h, w
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from core.config import settings
 
+from .adamw import AdamW
 from .model import AnytimeViT
 
 
@@ -59,7 +60,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
     params = [p for n, p in model.trainable_named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
     dev = model_device(model)

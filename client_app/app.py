@@ -11,11 +11,10 @@ from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, train_local
 from core.codec import payload_bytes, topk_encode
 from core.config import validate
-from runtime.models import model_and_spec
-from fedtasks.task import load_partition
 from core.records import to_numpy, to_record
+from runtime.models import model_and_spec
 
-from .tiers import client_depth, node_run_config, partition_of
+from .tiers import client_depth, node_cache_dir, node_run_config, partition_of
 from .personalize import personalize
 
 app = ClientApp()
@@ -26,16 +25,29 @@ RESIDUAL = "topk-residual"
 def _setup(msg: Message, context: Context):
     cfg = node_run_config(validate(dict(context.run_config)), dict(context.node_config))
     torch.set_num_threads(cfg["client-threads"])
-    model, spec = model_and_spec(cfg)
-    depth = client_depth(dict(context.node_config), cfg, model.num_blocks)
     pid, n = partition_of(dict(context.node_config))
+    cache = node_cache_dir(dict(context.node_config))
+    if cache is None:
+        from fedtasks.task import load_partition
+
+        model, spec = model_and_spec(cfg)
+        datasets = lambda: load_partition(cfg, spec, pid, n)  # noqa: E731
+    else:
+        # Every message is a fresh process in a deployment: the node's disk
+        # cache spares it the data libraries and timm (fedtasks.nodecache).
+        from fedtasks.nodecache import client_datasets, partition_arrays
+
+        num_classes = partition_arrays(cfg, pid, n, cache)[3]
+        model, spec = model_and_spec(cfg, num_classes, cache)
+        datasets = lambda: client_datasets(cfg, spec, pid, n, cache)  # noqa: E731
+    depth = client_depth(dict(context.node_config), cfg, model.num_blocks)
     received = to_numpy(msg.content.array_records["arrays"])
     names = trainable_names(model, depth)
     missing = [k for k in names if k not in received]
     if missing:
         raise ValueError(f"server sent no weights for {len(missing)} parameters of depth {depth}, e.g. {missing[0]}")
     set_state(model, {k: received[k] for k in names})
-    return cfg, model, spec, depth, pid, n, received
+    return cfg, model, datasets, depth, pid, received
 
 
 def client_seed(cfg: dict, partition_id: int, server_round: int) -> int:
@@ -45,8 +57,8 @@ def client_seed(cfg: dict, partition_id: int, server_round: int) -> int:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, model, spec, depth, pid, n, received = _setup(msg, context)
-    train_ds, _ = load_partition(cfg, spec, pid, n)
+    cfg, model, datasets, depth, pid, received = _setup(msg, context)
+    train_ds, _ = datasets()
     if len(train_ds) == 0:
         raise ValueError(f"partition {pid} has no training examples")
     config = msg.content.config_records["config"]
@@ -83,8 +95,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_exits(msg: Message, context: Context) -> Message:
-    cfg, model, spec, depth, pid, n, _ = _setup(msg, context)
-    train_ds, val_ds = load_partition(cfg, spec, pid, n)
+    cfg, model, datasets, depth, pid, _ = _setup(msg, context)
+    train_ds, val_ds = datasets()
     config = msg.content.config_records.get("config", {})
     if config.get("personalize", False):
         # Fine-tunes locally and replies metrics only: personal weights stay here.

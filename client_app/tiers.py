@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,21 @@ def node_run_config(cfg: dict[str, Any], node_config: dict[str, Any]) -> dict[st
     if not folder.is_dir():
         raise ConfigError("node-config data-dir", f"no folder at {folder} on this node")
     return {**cfg, "data-dir": str(folder)}
+
+
+CACHE_OFF = "off"
+
+
+def node_cache_dir(node_config: dict[str, Any]) -> Path | None:
+    """Where this node keeps its partition and built backbone between messages.
+
+    `--node-config "cache-dir='/var/cache/anytime-fl'"`; 'off' turns the
+    cache off; by default `$XDG_CACHE_HOME/anytime-fl` (~/.cache/anytime-fl).
+    """
+    value = node_config.get("cache-dir")
+    if value is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base).expanduser() / "anytime-fl"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("node-config cache-dir", f"must be a folder path in quotes or 'off', e.g. cache-dir='/var/cache/anytime-fl'; got {value!r}")
+    return None if value == CACHE_OFF else Path(value).expanduser()

@@ -130,6 +130,7 @@ KEYS: tuple[Key, ...] = (
         Key("min-nodes", 2, "Minimum nodes to sample for training/evaluation and to wait for before a round starts.", _positive),
         Key("min-nodes-timeout", 600, "Seconds the server waits before round 1 for `min-nodes` nodes to connect; then it stops, saying how many came.", _positive),
         Key("round-timeout", 3600, "Seconds the server waits for replies in a round; late nodes are left out of it.", _positive),
+        Key("superlink-patience", 300, "Seconds the server retries a failing SuperLink (push or pull, with growing waits) before it stops the run, which then resumes from its last checkpoint with resume=true.", _positive),
     ),
     # server aggregation
     *_section("strategy",

@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # only for annotations: importing them costs seconds
     from flwr_datasets.partitioner import Partitioner
 
 
+# Run-config keys that decide what data a task hands out.
+DATA_KEYS = ("task", "data-dir", "hub-dataset", "speech-classes", "dirichlet-alpha", "seed", "val-fraction")
+
+
 class DataError(ValueError):
     """A missing or malformed dataset; the message names the path and what was expected."""
 
@@ -64,6 +68,15 @@ def _per_channel(values, n):
 
 def tensors(images: np.ndarray, labels: np.ndarray, spec: InputSpec) -> TensorDataset:
     return TensorDataset(to_backbone(images, spec), torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def client_splits(images: np.ndarray, labels: np.ndarray, spec: InputSpec, val_fraction: float, seed: int):
+    """(train, validation) Subsets of one partition, split with a fixed seed."""
+    from torch.utils.data import Subset
+
+    full = tensors(images, labels, spec)
+    tr, va = split_indices(len(full), val_fraction, seed)
+    return Subset(full, tr.tolist()), Subset(full, va.tolist())
 
 
 def column(ds, name: str) -> np.ndarray:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from core.config import ConfigError
 
-from .base import InputSpec, Task, cached, column, data_key, split_indices, tensors
+from .base import InputSpec, Task, cached, client_splits, column, data_key, tensors
 from .registry import TASKS
 
 
@@ -27,9 +27,7 @@ def load_partition(cfg: dict[str, Any], spec: InputSpec, partition_id: int, num_
         task = get_task(cfg)
         part = task.partition(cfg, partition_id, num_partitions)
         images, labels = task.to_arrays(part)
-        full = tensors(images, labels, spec)
-        tr, va = split_indices(len(full), cfg["val-fraction"], cfg["seed"] + partition_id)
-        return Subset(full, tr.tolist()), Subset(full, va.tolist())
+        return client_splits(images, labels, spec, cfg["val-fraction"], cfg["seed"] + partition_id)
 
     return cached(("part", data_key(cfg), spec, partition_id, num_partitions), make)
 

@@ -25,6 +25,7 @@ from strategies.registry import build_strategy
 
 from . import checkpoint, lock, preflight, results
 from .evaluation import ServerEvaluator
+from .exchange import Exchange, SuperLinkUnavailable, duplicate_partitions, warn_duplicates
 from .finish import finish_run
 from .rundir import open_run_dir
 
@@ -43,8 +44,9 @@ _FLOWER_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 def main(grid: Grid, context: Context) -> None:
     try:
         run(grid, dict(context.run_config))
-    except (ConfigError, BackboneError, DataError, FileNotFoundError) as err:
-        # A configuration or data problem: one clear line, not a traceback.
+    except (ConfigError, BackboneError, DataError, FileNotFoundError, SuperLinkUnavailable) as err:
+        # A configuration or data problem, or a SuperLink that stayed away (the
+        # last finished round is checkpointed): one clear line, not a traceback.
         log(ERROR, "anytime-fl stopped: %s", err)
         # Flower marks a run failed (and its process exits non-zero) only when
         # the ServerApp raises an Exception; a SystemExit counts as success.
@@ -87,12 +89,11 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     log(INFO, "Writing results to %s", run_dir)
 
     num_rounds = cfg["num-server-rounds"]
+    send = Exchange(grid, cfg, run_dir)
     for server_round in range(start, num_rounds + 1):
         t0 = time.time()
         record = to_record(arrays)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, record, ConfigRecord(), grid), timeout=cfg["round-timeout"]
-        )
+        replies = send(strategy.configure_train(server_round, record, ConfigRecord(), grid), f"round {server_round} train")
         replies = in_partition_order(replies)
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_record is not None:
@@ -100,13 +101,13 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         stats = dict(strategy.last_round)
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
-            eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
-                timeout=cfg["round-timeout"],
-            )
+            eval_replies = send(strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
+                                f"round {server_round} evaluate")
             eval_metrics = strategy.aggregate_evaluate(server_round, list(eval_replies))
         server_eval = evaluator(arrays)
         row = round_row(server_round, time.time() - t0, server_eval, stats, train_metrics, eval_metrics, replies, sizes)
+        row["duplicate-partition-ids"] = duplicate_partitions(replies)
+        warn_duplicates(f"round {server_round}", row["duplicate-partition-ids"])
         results.append_row(run_dir, row)
         log(INFO, format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:

@@ -1,3 +1,16 @@
 """Fixtures shared by the test modules."""
 
 from tests.fakegrid import fake_grid  # noqa: F401  (fixture: a fake Flower Grid running the real ClientApp)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_node_cache(tmp_path_factory):
+    """Clients keep a disk cache under $XDG_CACHE_HOME by default: the tests
+    (and the Flower processes they start) use a private one, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    mp.undo()

@@ -1,0 +1,169 @@
+"""The round's send/receive against a SuperLink that fails: retried, logged, resumable."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from flwr.app import Error, Message
+
+from tests.localgrid import LocalGrid
+from server_app import checkpoint, exchange, results
+from server_app.app import run
+from server_app.exchange import SuperLinkUnavailable, duplicate_partitions
+from tests.flowerkit import TINY
+
+
+class PushPullGrid(LocalGrid):
+    """A Grid with Flower's push/pull calls; `failing(call_no)` says which pulls raise."""
+
+    def __init__(self, *args, failing=lambda n: False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failing = failing
+        self.pulls = 0
+        self.stored: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            mid = f"m{len(self.stored)}"
+            self.stored[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.failing(self.pulls):
+            raise RuntimeError("500 Internal Server Error for url /v1/runtime/pull-messages")
+        out = []
+        for mid in message_ids:
+            if mid in self.stored:
+                out.extend(self.send_and_receive([self.stored.pop(mid)]))
+        return out
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(exchange, "_clock", fake)
+    monkeypatch.setattr(exchange, "_sleep", fake.sleep)
+    return fake
+
+
+@pytest.fixture
+def flwr_log():
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("flwr").addHandler(handler)
+    yield records
+    logging.getLogger("flwr").removeHandler(handler)
+
+
+def _cfg(tmp_path, **extra):
+    return {**TINY, "num-server-rounds": 2, "fraction-evaluate": 0.0, "personalize-epochs": 0, "min-nodes": 3,
+            "output-dir": str(tmp_path), "run-name": "r", "superlink-patience": 60, **extra}
+
+
+def test_transient_pull_errors_are_retried_and_no_update_is_lost(tmp_path, clock, flwr_log):
+    cfg = _cfg(tmp_path)
+    grid = PushPullGrid(3, cfg, failing=lambda n: n in (2, 3, 4, 8))  # mid-round, in both rounds
+    run_dir = run(grid, cfg)
+    rows = results.read_rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients"] == 3 and r["dropped"] == 0 for r in rows)
+    assert any("retrying in" in line for line in flwr_log)
+    assert any("works again" in line for line in flwr_log)
+
+
+def test_replies_are_logged_as_they_arrive_naming_the_nodes_still_awaited(tmp_path, clock, flwr_log):
+    cfg = _cfg(tmp_path)
+    run(PushPullGrid(3, cfg), cfg)
+    lines = [line for line in flwr_log if line.startswith("round 2 train:")]
+    # From round 2 on, the nodes' partitions are known from their replies.
+    assert any("1/3 replies" in line and line.count("(partition") == 3 and "waiting for node" in line
+               for line in lines), lines
+    assert any("3/3 replies" in line for line in lines)
+
+
+def test_a_superlink_that_stays_down_ends_the_run_resumable(tmp_path, clock, flwr_log):
+    cfg = _cfg(tmp_path)
+    down_from = {}
+
+    def failing(n):
+        # Down for good once round 2 has started (its first pull).
+        return bool(down_from) and n >= down_from["pull"]
+
+    grid = PushPullGrid(3, cfg, failing=failing)
+    original = grid.push_messages
+
+    def push(messages):
+        messages = list(messages)
+        if messages[0].content.config_records["config"]["server-round"] == 2:
+            down_from["pull"] = grid.pulls + 2  # one reply of round 2 comes back first
+        return original(messages)
+
+    grid.push_messages = push
+    with pytest.raises(SuperLinkUnavailable, match="resume=true") as err:
+        run(grid, cfg)
+    assert "Rounds 1-1 are checkpointed" in str(err.value)
+    assert clock.now >= cfg["superlink-patience"]
+    run_dir = tmp_path / "r"
+    assert checkpoint.load(run_dir)["round"] == 1
+    assert [r["round"] for r in results.read_rows(run_dir)] == [1]
+
+    # The SuperLink is back: the run goes on from round 2, as the message says.
+    resumed = {**cfg, "resume": True}
+    run(PushPullGrid(3, resumed), resumed)
+    rows = results.read_rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients"] == 3 for r in rows)
+
+
+def test_server_app_main_turns_the_failure_into_one_line_and_a_nonzero_exit(tmp_path, clock, flwr_log, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from server_app import app as server_app
+
+    cfg = _cfg(tmp_path, **{"num-server-rounds": 1})
+    grid = PushPullGrid(3, cfg, failing=lambda n: True)
+    # RunFailed, not SystemExit: Flower marks only a raised Exception as a failed run.
+    with pytest.raises(server_app.RunFailed, match="nothing to resume"):
+        server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    assert any(line.startswith("anytime-fl stopped:") and "nothing to resume" in line for line in flwr_log)
+
+
+def test_duplicate_partition_ids_are_named_in_results_and_log(tmp_path, clock, flwr_log):
+    cfg = _cfg(tmp_path, **{"num-server-rounds": 1})
+    nodes = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 0, "num-partitions": 3},
+             {"partition-id": 2, "num-partitions": 3}]
+    run_dir = run(PushPullGrid(3, cfg, node_configs=nodes), cfg)
+    assert results.read_rows(run_dir)[0]["duplicate-partition-ids"] == {"0": [1, 2]}
+    assert any("nodes 1, 2 all report partition-id 0" in line for line in flwr_log)
+
+
+def test_error_replies_are_not_counted_as_partitions():
+    from flwr.app import MetricRecord, RecordDict
+
+    from tests.localgrid import ensure_task_identity
+
+    ensure_task_identity()
+    sent = Message(RecordDict(), dst_node_id=1, message_type="train")
+    ok = Message(RecordDict({"metrics": MetricRecord({"partition-id": 0})}), reply_to=sent)
+    err = Message(Error(code=0, reason="boom"), reply_to=sent)
+    assert duplicate_partitions([ok, err]) == {}
