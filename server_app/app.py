@@ -20,7 +20,7 @@ from anytime_fl.runtime import initial_state, model_and_spec
 from fedtasks.base import DataError
 from fedtasks.stats import write_partition_stats
 from fedtasks.task import load_test
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.registry import build_strategy
 
 from . import checkpoint, results
 from .evaluation import ServerEvaluator
@@ -42,8 +42,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, user_cfg: dict) -> Path:
     cfg = validate(user_cfg)
-    if cfg["strategy"] not in STRATEGIES:
-        raise ConfigError("strategy", f"unknown strategy {cfg['strategy']!r}; known: {', '.join(sorted(STRATEGIES))}")
+    strategy = build_strategy(cfg["strategy"], cfg)  # a bad name or argument stops here, before round 1
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, spec = model_and_spec(cfg)
     check_depths(cfg, model.num_blocks)
@@ -51,7 +50,6 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     run_dir, resumed = open_run_dir(cfg)
     write_partition_stats(cfg, run_dir, len(list(grid.get_node_ids())))
 
-    strategy = build_strategy(cfg["strategy"], cfg)
     arrays = initial_state(cfg)
     start = 1
     if resumed is not None:
