@@ -155,7 +155,7 @@ class FlowerGroups(DepthAwareFedAvg):
         new = dict(self.global_arrays)
         for group, names in self.groups().items():
             senders = [u for u in updates if all(n in u.deltas for n in names)]
-            partial = [u for u in updates if u not in senders and any(n in u.deltas for n in names)]
+            partial = [u for u in updates if any(n in u.deltas for n in names) and not all(n in u.deltas for n in names)]
             for u in partial:
                 if (u.node, group) not in self._warned_partial:
                     self._warned_partial.add((u.node, group))
