@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, train_local
 from core.codec import payload_bytes, topk_encode
-from core.config import validate
+from core.config import parse_attackers, validate
 from core.records import to_numpy, to_record
 from runtime.models import model_and_spec
 
@@ -71,6 +72,10 @@ def train(msg: Message, context: Context) -> Message:
 
     new = get_state(model, depth)
     delta = {k: new[k] - received[k] for k in new}
+    if pid in parse_attackers(cfg):
+        # Robustness benchmarks (attack-partitions): noise instead of the update.
+        rng = np.random.default_rng([cfg["seed"], pid, server_round])
+        delta = {k: rng.normal(0.0, cfg["attack-noise-std"], v.shape).astype(np.float32) for k, v in delta.items()}
     residual = None
     if RESIDUAL in context.state.array_records:
         residual = to_numpy(context.state.array_records[RESIDUAL])

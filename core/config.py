@@ -103,6 +103,18 @@ def _int_list(v):
     return None
 
 
+def _id_list(v):
+    try:
+        items = [int(s) for s in str(v).split(",") if s.strip()]
+    except ValueError:
+        return "must be '' or a comma-separated list of partition ids, e.g. '0,3'"
+    return None if all(i >= 0 for i in items) else "partition ids must be >= 0"
+
+
+def parse_attackers(cfg: dict[str, Any]) -> set[int]:
+    return {int(s) for s in str(cfg["attack-partitions"]).split(",") if s.strip()}
+
+
 def _device(v):
     if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
         return None
@@ -134,7 +146,11 @@ KEYS: tuple[Key, ...] = (
     ),
     # server aggregation
     *_section("strategy",
-        Key("strategy", "fedavg", "Server aggregation strategy by name (see strategies/registry.py)."),
+        Key("strategy", "fedavg", "Server aggregation strategy: a built-in name (fedavg, fedavgm, fedadam, fedyogi, fedprox, median, trimmed-mean), `flwr:<Class>` for any Flower Message-API strategy (e.g. flwr:Krum), or `package.module:Class` (see docs/strategies.md)."),
+        Key("strategy-args", "", "Keyword arguments of a Flower or user strategy class: space-separated name=value, values as Python literals, e.g. 'num_malicious_nodes=1 num_nodes_to_select=3'."),
+        Key("strategy-inner", "flwr:FedAvg", "The strategy a wrapper strategy (the DP wrappers) wraps: flwr:<Class> or package.module:Class."),
+        Key("strategy-inner-args", "", "Keyword arguments of strategy-inner, as strategy-args."),
+        Key("strategy-groups", "tier", "How a Flower/user strategy sees the blocks: one instance per tier band of blocks ('tier') or per block ('block'; fits nodes whose max-depth is not a tier depth).", choices=("tier", "block")),
         Key("server-lr", 0.0, "Server learning rate on the aggregated update (0 = the strategy's own: 1 for the averaging strategies, 0.01 for fedadam/fedyogi).", _non_negative),
         Key("server-momentum", 0.9, "Server momentum of fedavgm.", _decay),
         Key("beta1", 0.9, "First-moment decay of fedadam/fedyogi.", _decay),
@@ -162,6 +178,8 @@ KEYS: tuple[Key, ...] = (
         Key("tiers", "3,6,9,12", "Depth budgets (blocks a device runs), one per tier.", _int_list),
         Key("tier-assignment", "even", "How partitions are spread over tiers: 'even' (partition-id modulo tiers) or fractions per tier. A node's own `max-depth` node config wins.", _tier_assignment),
         Key("tier-names", "", "Names of the tiers, comma-separated, one per tier, for logs and results (e.g. 'phone,tablet,laptop,server'); '' = named by depth."),
+        Key("attack-partitions", "", "Benchmark/testing aid: comma-separated partition ids whose clients send N(0, attack-noise-std^2) noise instead of their update ('' = none).", _id_list),
+        Key("attack-noise-std", 10.0, "Standard deviation of the noise attacking clients send.", _non_negative),
         Key("topk-fraction", 1.0, "Fraction of update entries a client sends (top-k by magnitude with error feedback); 1 sends the dense delta.", _open_fraction),
     ),
     # the backbone and its adapters

@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
 @lock.releasing
 def run(grid: Grid, user_cfg: dict) -> Path:
     cfg = validate(user_cfg)
-    strategy = build_strategy(cfg["strategy"], cfg)  # a bad name stops the run before any heavy work
+    strategy = build_strategy(cfg["strategy"], cfg)  # a bad name or argument stops here, before round 1
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, spec = model_and_spec(cfg)
     check_depths(cfg, model.num_blocks)
