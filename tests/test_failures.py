@@ -283,3 +283,22 @@ def test_partitions_too_many_or_unwritable_out_is_one_line(tmp_path, capsys):
     assert cli(["partitions", "--num-partitions", "2", "--out", "/proc/anytime-fl-13/s"]) == 2
     _one_line(capsys.readouterr().err, "--out", "/proc/anytime-fl-13")
 
+
+
+def test_a_node_whose_depth_grew_is_sent_every_array_after_it_failed():
+    from flwr.app import ConfigRecord, Error, Message, MessageType
+
+    from anytime_fl.records import to_record
+    from strategies.depth_fedavg import DepthAwareFedAvg
+    from tests.flowerkit import reply  # noqa: F401  (sets Flower's task identity)
+
+    arrays = {f"heads.{i}.fc.weight": np.zeros((2, 2), np.float32) for i in range(3)}
+    strategy = DepthAwareFedAvg(min_nodes=1)
+    strategy.node_depth[5] = 1  # learnt when the node ran one block
+    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 1
+    failed = Message(Error(code=0, reason="server sent no weights for blocks 2..3"), reply_to=out[0])
+    strategy.global_arrays = arrays
+    strategy.accept(1, [failed])
+    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 3
