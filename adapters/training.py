@@ -13,6 +13,7 @@ from core.config import settings
 
 from .adamw import AdamW
 from .model import AnytimeViT
+from .state import trainable_names
 
 
 @dataclass
@@ -59,7 +60,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
-    params = [p for n, p in model.trainable_named_parameters() if p.requires_grad]
+    # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
+    # weight decay (and FedProx's term) though the client never trains it.
+    mine = set(trainable_names(model, depth))
+    params = [p for n, p in model.trainable_named_parameters() if p.requires_grad and n in mine]
     opt = AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()

@@ -53,8 +53,9 @@ def draw_plots(run_dir: Path) -> list[Path]:
         return []
 
 
-def finish_run(grid: Grid, cfg: dict, model: AnytimeViT, test_set, arrays: dict[str, np.ndarray], run_dir: Path) -> None:
+def finish_run(grid: Grid, cfg: dict, model: AnytimeViT, test_set, arrays: dict[str, np.ndarray], run_dir: Path,
+               node_depth: dict[int, int] | None = None) -> None:
     write_anytime(run_dir, model, test_set, arrays, cfg["eval-batch-size"])
     if cfg["personalize-epochs"] > 0:
-        personalization_round(grid, arrays, cfg, run_dir, cfg["num-server-rounds"] + 1)
+        personalization_round(grid, arrays, cfg, run_dir, cfg["num-server-rounds"] + 1, node_depth)
     draw_plots(run_dir)

@@ -16,19 +16,26 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from core.naming import param_block
 from core.records import to_record
 
 FILE = "personalization.json"
 
 
-def request(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, server_round: int) -> list[Message]:
-    """Send the final global adapters to all nodes with config personalize=true."""
-    record = to_record(arrays)
+def request(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, server_round: int,
+            node_depth: dict[int, int] | None = None) -> list[tuple[int, Message]]:
+    """Send the final global adapters to all nodes with config personalize=true; (node, reply) pairs.
+
+    A node whose depth the rounds taught gets the arrays of its blocks only; another gets all.
+    """
+    node_depth = node_depth or {}
     config = ConfigRecord({"personalize": True, "server-round": server_round})
-    messages = [
-        Message(content=RecordDict({"arrays": record, "config": config}), message_type=MessageType.EVALUATE, dst_node_id=node)
-        for node in grid.get_node_ids()
-    ]
+    messages = []
+    for node in grid.get_node_ids():
+        depth = node_depth.get(node)
+        sent = arrays if depth is None else {k: v for k, v in arrays.items() if param_block(k) <= depth}
+        content = RecordDict({"arrays": to_record(sent), "config": config})
+        messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
     replies = list(grid.send_and_receive(messages, timeout=cfg["round-timeout"]))
     # A reply the SuperLink writes for a dead node comes from the SuperLink: name the node it was sent to.
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
@@ -85,8 +92,9 @@ def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
     }
 
 
-def personalization_round(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, run_dir: Path, server_round: int) -> dict:
-    summary = summarize(request(grid, arrays, cfg, server_round), cfg)
+def personalization_round(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, run_dir: Path, server_round: int,
+                          node_depth: dict[int, int] | None = None) -> dict:
+    summary = summarize(request(grid, arrays, cfg, server_round, node_depth), cfg)
     (Path(run_dir) / FILE).write_text(json.dumps(summary, indent=2))
     gains = " ".join(f"{e['gain-mean']:+.3f}" for e in summary["exits"])
     log(INFO, "personalisation (%d clients, personalize-epochs=%d, personalize-lr=%g): mean accuracy gain per exit: %s%s",

@@ -233,6 +233,9 @@ class DepthAwareFedAvg(FedAvg):
             node = self.sender(msg)
             if msg.has_error():
                 dropped.append((node, f"error reply: {msg.error.reason}"))
+                # Its depth budget may have grown (it then lacks weights it
+                # needs): send it everything again until it replies.
+                self.node_depth.pop(node, None)
                 continue
             try:
                 deltas, weight, depth = self.check_update(msg.content)

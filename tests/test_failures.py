@@ -283,3 +283,68 @@ def test_partitions_too_many_or_unwritable_out_is_one_line(tmp_path, capsys):
     assert cli(["partitions", "--num-partitions", "2", "--out", "/proc/anytime-fl-13/s"]) == 2
     _one_line(capsys.readouterr().err, "--out", "/proc/anytime-fl-13")
 
+
+
+def test_a_node_whose_depth_grew_is_sent_every_array_after_it_failed():
+    from flwr.app import ConfigRecord, Error, Message, MessageType
+
+    from core.records import to_record
+    from strategies.depth_fedavg import DepthAwareFedAvg
+    from tests.flowerkit import reply  # noqa: F401  (sets Flower's task identity)
+
+    arrays = {f"heads.{i}.fc.weight": np.zeros((2, 2), np.float32) for i in range(3)}
+    strategy = DepthAwareFedAvg(min_nodes=1)
+    strategy.node_depth[5] = 1  # learnt when the node ran one block
+    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 1
+    failed = Message(Error(code=0, reason="server sent no weights for blocks 2..3"), reply_to=out[0])
+    strategy.global_arrays = arrays
+    strategy.accept(1, [failed])
+    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 3
+
+
+def test_fedprox_leaves_the_parameters_beyond_a_clients_depth_alone():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adapters.state import get_state
+    from adapters.training import TrainSettings, train_local
+    from runtime.models import model_and_spec
+
+    model, spec = model_and_spec(validate({"backbone-weights": ""}))
+    before = get_state(model)
+    data = TensorDataset(torch.randn(8, spec.in_chans, spec.img_size, spec.img_size), torch.randint(0, 10, (8,)))
+    try:
+        train_local(model, DataLoader(data, batch_size=4), 2, TrainSettings(epochs=1, prox_mu=0.1, weight_decay=0.1))
+        after = get_state(model)
+        moved = [k for k in before if not np.array_equal(before[k], after[k])]
+        assert moved and all(k.startswith(("adapters.0.", "adapters.1.", "heads.0.", "heads.1.")) for k in moved), moved
+    finally:
+        from adapters.state import set_state
+
+        set_state(model, before)  # the model is cached process-wide
+
+
+def test_personalisation_sends_a_node_the_arrays_of_its_depth_and_names_a_dead_one(caplog):
+    from flwr.app import Error, Message
+
+    from server_app.personalization import request, summarize
+    from tests.flowerkit import reply  # noqa: F401  (sets Flower's task identity)
+
+    arrays = {f"heads.{i}.fc.weight": np.zeros((2, 2), np.float32) for i in range(3)}
+
+    class Grid(Nodes):
+        def send_and_receive(self, messages, timeout):
+            self.sent = list(messages)
+            for i, m in enumerate(self.sent):
+                m.metadata.__dict__["_message_id"] = f"id{i}"
+            # node 2 died: the SuperLink answers for it, from itself (node 0)
+            return [Message(Error(code=0, reason="node gone"), reply_to=self.sent[1])]
+
+    grid = Grid(3)
+    replies = request(grid, arrays, validate({}), 2, node_depth={1: 1, 2: 2})
+    assert [len(m.content.array_records["arrays"]) for m in grid.sent] == [1, 2, 3]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert summarize(replies, validate({}))["failed"] == 1
+    assert "node 2 failed: node gone" in caplog.text
