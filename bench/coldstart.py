@@ -10,6 +10,8 @@ in fresh processes and reports, per source tree:
 - later: every later message (the node cache filled by the first);
 - wall: from starting `python` to the reply being ready (exit: to the
   process's exit, which comes later);
+- cpu: user + system CPU seconds to the reply (what other work on a shared
+  machine inflates least);
 - peak: the process's peak resident memory (ru_maxrss).
 
 `--before DIR` measures another source tree too (e.g. the commit before the
@@ -78,6 +80,7 @@ def summarise(rows: list[dict]) -> dict:
         "exit-s-median": round(statistics.median(r["exit-s"] for r in rows), 2),
         "import-s-median": round(statistics.median(r["import-s"] for r in rows), 2),
         "handle-s-median": round(statistics.median(r["handle-s"] for r in rows), 2),
+        "cpu-s-median": round(statistics.median(r["cpu-s"] for r in rows), 2),
         "peak-mb-median": round(statistics.median(r["peak-rss-mb"] for r in rows), 1),
         "peak-mb-max": round(max(r["peak-rss-mb"] for r in rows), 1),
         "heavy-modules": sorted({m for r in rows for m in r["heavy-modules"]}),
@@ -112,8 +115,8 @@ def main() -> None:
     report["summary"] = summary
     report["runs"] = runs
     print(table([{"tree / message": k, **v} for k, v in summary.items()],
-                ["tree / message", "wall-s-median", "wall-s-max", "import-s-median", "handle-s-median", "peak-mb-median",
-                 "peak-mb-max"]))
+                ["tree / message", "wall-s-median", "wall-s-max", "cpu-s-median", "import-s-median", "handle-s-median",
+                 "peak-mb-median", "peak-mb-max"]))
     report.write(args.out)
 
 
