@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from adapters.state import get_state, set_state, trainable_names
-from adapters.training import TrainSettings, evaluate, train_local
+from adapters.training import TrainSettings, evaluate, label_counts, round_lr, train_local
 from anytime_fl.codec import payload_bytes, topk_encode
 from anytime_fl.config import validate
 from anytime_fl.runtime import model_and_spec
@@ -48,12 +48,16 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     settings = TrainSettings(
         epochs=cfg["local-epochs"],
-        lr=cfg["lr"],
+        lr=round_lr(cfg["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"]),
         weight_decay=cfg["weight-decay"],
         exit_loss=cfg["exit-loss"],
         distill_weight=cfg["distill-weight"],
         prox_mu=float(config.get("proximal-mu", 0.0)),
         autocast=cfg["autocast"],
+        optimizer=cfg["optimizer"],
+        logit_adjust=cfg["logit-adjust"],
+        class_counts=label_counts(train_ds, model.num_classes) if cfg["logit-adjust"] > 0 else None,
+        block_grad=cfg["grad-through-blocks"],
     )
     gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + pid * 1_009 + server_round)
     loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)

@@ -30,6 +30,7 @@ def settings_from(cfg: dict[str, Any]) -> TrainSettings:
         exit_loss=cfg["exit-loss"],
         distill_weight=cfg["distill-weight"],
         autocast=cfg["autocast"],
+        block_grad=cfg["grad-through-blocks"],
     )
 
 
