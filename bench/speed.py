@@ -71,7 +71,7 @@ def worker(job: dict) -> dict:
     from adapters.backbone import load_backbone
     from adapters.compat import import_timm
     from adapters.model import AnytimeViT
-    from adapters.training import TrainSettings, train_local
+    from adapters.training import TrainSettings, make_optimizer, train_local
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -136,7 +136,8 @@ def worker(job: dict) -> dict:
     t_start = time.perf_counter()
     if job["method"] == "full":
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        # the optimiser the clients use (fused AdamW), so only the trained weights differ
+        opt = make_optimizer(list(model.parameters()), "adamw", settings.lr, settings.weight_decay)
         for xb, yb in timed(loader):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.cross_entropy(net(xb), yb)
