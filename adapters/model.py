@@ -64,8 +64,15 @@ class AnytimeViT(nn.Module):
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
 
-    def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
-        """Run blocks 1..depth only; return the logits of exits 1..depth."""
+    def forward(self, x: torch.Tensor, depth: int | None = None, block_grad: bool = True) -> list[torch.Tensor]:
+        """Run blocks 1..depth only; return the logits of exits 1..depth.
+
+        block_grad=False runs the frozen blocks without building a graph:
+        each adapter still modulates the CLS token the next block reads, but
+        an exit's gradient stops at the block in front of it, so training
+        skips the backward pass through the backbone (adapter l then learns
+        from exit l alone; its modulation shares those weights).
+        """
         depth = self.num_blocks if depth is None else depth
         if not 1 <= depth <= self.num_blocks:
             raise ValueError(f"depth must be in 1..{self.num_blocks}, got {depth}")
@@ -73,7 +80,8 @@ class AnytimeViT(nn.Module):
         history: list[torch.Tensor] = []
         logits = []
         for i in range(depth):
-            tokens = self.backbone.blocks[i](tokens)
+            with torch.set_grad_enabled(block_grad and torch.is_grad_enabled()):
+                tokens = self.backbone.blocks[i](tokens)
             cls = tokens[:, 0]
             history.append(cls)
             summary, new_cls = self.adapter_for(i)(torch.stack(history, dim=1))

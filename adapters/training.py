@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from core.config import settings
 
-from .adamw import AdamW
+from .optim import make_optimizer
 from .model import AnytimeViT
 from .state import trainable_names
 
@@ -29,19 +31,67 @@ class TrainSettings:
     distill_temperature: float = 2.0
     prox_mu: float = 0.0  # FedProx proximal term towards the received weights
     autocast: str = "none"  # "bf16": forward pass and loss in bfloat16 autocast
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9), a fresh one every round
+    logit_adjust: float = 0.0  # tau of logit adjustment by the client's label prior (0 = off)
+    class_counts: torch.Tensor | None = None  # the client's training label counts
+    block_grad: bool = True  # False: the frozen blocks build no graph (gradient stops there)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], *, personalize: bool = False, prox_mu: float = 0.0) -> "TrainSettings":
-        """Settings of federated training, or of the personalisation round
-        (its own epochs and learning rate); `prox_mu` comes from the strategy."""
+    def from_config(
+        cls,
+        cfg: dict[str, Any],
+        *,
+        personalize: bool = False,
+        prox_mu: float = 0.0,
+        server_round: int = 0,
+        class_counts: torch.Tensor | None = None,
+    ) -> "TrainSettings":
+        """Settings of federated training in `server_round`, or of the
+        personalisation round; `prox_mu` comes from the strategy and
+        `class_counts` (the client's labels, for logit adjustment) from its data."""
         values = settings(cfg)
         if personalize:
-            values.update(epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"])
-        return cls(**values, prox_mu=prox_mu)
+            # A personal model should learn its own label prior, with AdamW at
+            # its own small learning rate, whatever federated training uses.
+            values.update(epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw",
+                          logit_adjust=0.0)
+            return cls(**values)
+        values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
+        return cls(**values, prox_mu=prox_mu, class_counts=class_counts)
 
 
-def exit_losses(logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    per_exit = [F.cross_entropy(z, y) for z in logits]
+def label_counts(ds, num_classes: int) -> torch.Tensor:
+    """Training examples per class of a (Subset of a) TensorDataset, or any dataset of (x, y)."""
+    if isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
+        labels = ds.dataset.tensors[1][torch.as_tensor(ds.indices, dtype=torch.long)]
+    elif isinstance(ds, TensorDataset):
+        labels = ds.tensors[1]
+    else:
+        labels = torch.as_tensor([int(y) for _, y in ds], dtype=torch.long)
+    return torch.bincount(labels.long().flatten(), minlength=num_classes).float()
+
+
+def logit_prior(counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau * log p(y) of the client's labels; a class it never saw gets a
+    prior of half an example, so its logit is pushed down, not to -inf."""
+    p = counts.clamp_min(0.5)
+    return tau * torch.log(p / p.sum())
+
+
+def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The learning rate of one round: constant, or cosine decay over the rounds (to 0.05 lr)."""
+    if schedule == "constant" or num_rounds <= 1 or server_round < 1:
+        return lr
+    t = min(server_round - 1, num_rounds - 1) / (num_rounds - 1)
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def exit_losses(logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings,
+                prior: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    # Logit adjustment (balanced softmax at tau 1): the heads learn p(x|y)
+    # scores, not this client's label skew, so averaged heads are not pulled
+    # towards each client's own majority classes. Training only.
+    per_exit = [F.cross_entropy(z if prior is None else z + prior, y) for z in logits]
     total = torch.stack(per_exit).sum()
     if s.exit_loss == "mean":
         total = total / len(per_exit)
@@ -64,17 +114,20 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     # weight decay (and FedProx's term) though the client never trains it.
     mine = set(trainable_names(model, depth))
     params = [p for n, p in model.trainable_named_parameters() if p.requires_grad and n in mine]
-    opt = AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = make_optimizer(params, s.optimizer, s.lr, s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
     dev = model_device(model)
     sums = torch.zeros(depth, device=dev)
     seen = 0
+    prior = None
+    if s.logit_adjust > 0 and s.class_counts is not None:
+        prior = logit_prior(s.class_counts, s.logit_adjust).to(dev)
     for _ in range(s.epochs):
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.autocast == "bf16"):
-                total, per_exit = exit_losses(model(x, depth=depth), y, s)
+                total, per_exit = exit_losses(model(x, depth=depth, block_grad=s.block_grad), y, s, prior)
             if anchor is not None:
                 total = total + 0.5 * s.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)

@@ -203,7 +203,8 @@ def ours(cfg: dict, lr: float, nodes: int, rounds: int, val_only: bool = False) 
     if not val_only:
         sampled = [sorted(c["partition-id"] for c in r["per-client"]) for r in rows]
         per_client = [c["bytes-up"] for r in rows for c in r["per-client"]]
-        out.update({"accuracy": rows[-1]["server"]["accuracy"], "bytes-up-total": sum(r["bytes-up"] for r in rows),
+        out.update({"accuracy": rows[-1]["server"]["accuracy"], "curve": [r["server"]["accuracy"] for r in rows],
+                    "bytes-up-total": sum(r["bytes-up"] for r in rows),
                     "bytes-per-client-round": float(np.mean(per_client)), "sampled": sampled,
                     "trained-params": int(sum(a.size for a in arrays.values()))})
     out["seconds"] = round(time.time() - t0, 1)

@@ -19,6 +19,7 @@ all alike; speed ratios are taken within a repeat, then the median.
     python bench/speed.py                         # ViT-micro 28x28 and ViT-Tiny 32x32/patch 4, CPU; ~4 min on 2 cores
     python bench/speed.py --large --device cuda   # ViT-B/16 at 224x224 on a GPU
     python bench/speed.py --variants plain,bf16,compile --depths 12   # the speed-ups tried
+    python bench/speed.py --variants plain,grad-stop --depths 12 --models vit_micro_patch7_28@28/7 --threads 1 --out bench/results/speed_gradstop.json
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from benchkit import RESULTS, ROOT, Report, table
 
 DEFAULT_MODELS = "vit_micro_patch7_28@28/7,vit_tiny_patch16_224@32/4"
 LARGE_MODELS = "vit_base_patch16_224@224/16"
-VARIANTS = ("plain", "bf16", "compile", "channels-last", "cache-prefix")
+VARIANTS = ("plain", "bf16", "compile", "channels-last", "cache-prefix", "grad-stop")
 
 
 def parse_models(spec: str) -> list[dict]:
@@ -70,7 +71,7 @@ def worker(job: dict) -> dict:
     from adapters.backbone import load_backbone
     from adapters.compat import import_timm
     from adapters.model import AnytimeViT
-    from adapters.training import TrainSettings, train_local
+    from adapters.training import TrainSettings, make_optimizer, train_local
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -125,7 +126,9 @@ def worker(job: dict) -> dict:
     net = torch.compile(model) if job["variant"] == "compile" else model
     bf16 = job["variant"] == "bf16"
     # ours: the run config's `autocast = "bf16"` as the client applies it
-    settings = TrainSettings(epochs=1, lr=job["lr"], weight_decay=1e-4, autocast="bf16" if bf16 else "none")
+    # grad-stop: the run config's `grad-through-blocks = false`
+    settings = TrainSettings(epochs=1, lr=job["lr"], weight_decay=1e-4, autocast="bf16" if bf16 else "none",
+                             block_grad=job["variant"] != "grad-stop")
     rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -133,7 +136,8 @@ def worker(job: dict) -> dict:
     t_start = time.perf_counter()
     if job["method"] == "full":
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        # the optimiser the clients use (fused AdamW), so only the trained weights differ
+        opt = make_optimizer(list(model.parameters()), "adamw", settings.lr, settings.weight_decay)
         for xb, yb in timed(loader):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.cross_entropy(net(xb), yb)
@@ -295,9 +299,10 @@ def main(argv=None) -> int:
         for t in threads:
             jobs += [{**common, **m, "threads": t, "method": "ours", "depth": d, "variant": v} for v in variants for d in depths]
             if not args.no_full:
-                # caching the frozen prefix is ours only: full fine-tuning trains block 1
+                # caching the frozen prefix and stopping gradients at the frozen
+                # blocks are ours only: full fine-tuning trains every block
                 jobs += [{**common, **m, "threads": t, "method": "full", "depth": 0, "variant": v}
-                         for v in variants if v != "cache-prefix"]
+                         for v in variants if v not in ("cache-prefix", "grad-stop")]
         runs: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
         for rep in range(args.repeats):
             order = list(range(len(jobs)))

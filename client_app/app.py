@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from adapters.state import get_state, set_state, trainable_names
-from adapters.training import TrainSettings, evaluate, train_local
+from adapters.training import TrainSettings, evaluate, label_counts, train_local
 from core.codec import payload_bytes, topk_encode
 from core.config import parse_attackers, validate
 from core.records import to_numpy, to_record
@@ -65,7 +65,12 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(config.get("server-round", 0))
     # The proximal weight travels in the message: it is the strategy's to set.
-    settings = TrainSettings.from_config(cfg, prox_mu=float(config.get("proximal-mu", 0.0)))
+    settings = TrainSettings.from_config(
+        cfg,
+        prox_mu=float(config.get("proximal-mu", 0.0)),
+        server_round=server_round,
+        class_counts=label_counts(train_ds, model.num_classes) if cfg["logit-adjust"] > 0 else None,
+    )
     gen = torch.Generator().manual_seed(client_seed(cfg, pid, server_round))
     loader = DataLoader(train_ds, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
     stats = train_local(model, loader, depth, settings)

@@ -64,3 +64,32 @@ def test_accuracy_runs_all_three_methods_on_the_same_clients(tmp_path):
     # one round, two clients: what each sends, twice
     assert rows["full"]["bytes-up-total"] == 2 * rows["full"]["bytes-per-client-round"]
     assert rows["head"]["bytes-up-total"] < rows["ours"]["bytes-up-total"] < rows["full"]["bytes-up-total"]
+
+
+def test_peers_runs_each_kind_of_method_on_the_same_clients(tmp_path):
+    import peers
+
+    out = tmp_path / "peers.json"
+    peers.main(["--rounds", "1", "--nodes", "4", "--methods", "ours,depthfl-kd,headonly,exclusion", "--out", str(out),
+                "--run-config", "backbone-weights=''", "tiers='2,4'", "min-nodes=2", "fraction-train=0.5", "local-epochs=1"])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["ours"]["same-clients"] is True
+    assert len(rows["ours"]["accuracy"]) == 12 and len(rows["depthfl-kd"]["accuracy"]) == 4
+    assert len(rows["headonly"]["accuracy"]) == 4 and len(rows["exclusion"]["accuracy"]) == 1
+    # depth-aware: what a client sends grows with its depth, and the peers' full weights dwarf our adapters
+    assert rows["headonly"]["MB-total"] < rows["ours"]["MB-total"] < rows["depthfl-kd"]["MB-total"]
+    assert all(r["rounds-to-90%"] == 1 for r in rows.values())
+
+
+def test_gap_runs_federated_central_and_heads_only(tmp_path):
+    import gap
+
+    out = tmp_path / "gap.json"
+    gap.main(["--rounds", "1", "--nodes", "4", "--out", str(out), "--base", "backbone-weights=''", "tiers='2'",
+              "local-epochs=1", "min-nodes=2",
+              "--exp", "fed:logit-adjust=1.0", "--exp", "cen:central optimizer=sgd lr=0.05", "--exp", "h:heads"])
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["cen"]["central"] and not rows["fed"]["central"] and rows["h"]["heads-only"]
+    assert len(rows["fed"]["val-accuracy-per-exit"]) == 12 and len(rows["cen"]["accuracy"]) == 2
+    assert len(rows["h"]["accuracy"]) == 12
+    assert all(0.0 <= r["val-accuracy"] <= 1.0 for r in rows.values())
