@@ -35,7 +35,7 @@ done
 # overrides are merged into one file, after the project's own checks.
 merged=$(mktemp --suffix=.toml)
 trap 'rm -f "$merged"' EXIT
-"$PYTHON" -m anytime_fl.cli check-config --quiet --run-config "output-dir='$PWD/outputs'" \
+"$PYTHON" -m anytime_fl.cli check-config --quiet --num-nodes "${NUM_SUPERNODES:-20}" --run-config "output-dir='$PWD/outputs'" \
     "${config[@]+"${config[@]}"}" --write "$merged" || exit 2
 
 # The local SuperLink outlives a run and keeps the federation size it was

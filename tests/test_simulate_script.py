@@ -73,6 +73,14 @@ def test_a_config_mistake_gets_the_projects_message_and_flower_is_not_called(fak
     assert calls(fake) == []
 
 
+def test_min_nodes_beyond_the_federation_is_refused_before_flower_starts(fake_flwr):
+    fake, env = fake_flwr
+    done = simulate({**env, "NUM_SUPERNODES": "4"}, "--run-config", "min-nodes=10")
+    assert done.returncode == 2
+    assert "run config 'min-nodes': is 10 but the federation has 4 nodes" in done.stderr
+    assert calls(fake) == []
+
+
 def test_a_failed_run_exits_non_zero_naming_it(fake_flwr):
     fake, env = fake_flwr
     (fake / "status").write_text("finished:failed")
