@@ -190,8 +190,11 @@ def _rounds_written(run_dir: Path) -> int:
 
 
 def _online_nodes(env: dict[str, str]) -> int:
-    out = subprocess.run([_exe("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], env=env,
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    try:
+        out = subprocess.run([_exe("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], env=env,
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    except subprocess.TimeoutExpired:  # a CLI slowed down by a loaded machine: ask again
+        return 0
     try:
         nodes = json.loads(out.stdout).get("nodes", [])
     except json.JSONDecodeError:
