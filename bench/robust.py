@@ -14,7 +14,7 @@ bulyan, median (Flower's FedMedian), and with `--runs ... dp qfedavg
 fedadagrad`: server-side fixed clipping + noise around FedAvg, QFedAvg and
 FedAdagrad, all on the clean federation.
 
-    python bench/robust.py                              # 10 clients, 12 rounds, depth 6; ~20 min on 2 cores
+    python bench/robust.py                              # 10 clients, 12 rounds, depth 6; 4-9 min a run on 2 busy cores
     python bench/robust.py --rounds 20 --tiers 3,6,9,12 --runs clean fedavg median
 """
 
