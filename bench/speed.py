@@ -71,7 +71,8 @@ def worker(job: dict) -> dict:
     from adapters.backbone import load_backbone
     from adapters.compat import import_timm
     from adapters.model import AnytimeViT
-    from adapters.training import TrainSettings, make_optimizer, train_local
+    from adapters.optim import make_optimizer
+    from adapters.training import TrainSettings, train_local
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -136,7 +137,7 @@ def worker(job: dict) -> dict:
     t_start = time.perf_counter()
     if job["method"] == "full":
         model.train()
-        # the optimiser the clients use (fused AdamW), so only the trained weights differ
+        # the optimiser the clients use (multi-tensor AdamW), so only the trained weights differ
         opt = make_optimizer(list(model.parameters()), "adamw", settings.lr, settings.weight_decay)
         for xb, yb in timed(loader):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
