@@ -23,7 +23,13 @@ from .model import AnytimeViT
 # Dense near 1: trained exits are usually very confident, and that is where
 # the trade-off moves fastest.
 DEFAULT_THRESHOLDS = tuple(round(t, 3) for t in np.linspace(0.0, 0.9, 10)) + (
-    0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0,
+    0.95,
+    0.97,
+    0.98,
+    0.99,
+    0.995,
+    0.999,
+    1.0,
 )
 
 
@@ -142,13 +148,15 @@ def anytime_curve(conf: np.ndarray, correct: np.ndarray, flops: list[int], thres
     for t in thresholds:
         exits = threshold_exits(conf, t)
         hit = correct[exits, np.arange(n)]
-        rows.append({
-            "threshold": float(t),
-            "accuracy": round(float(hit.mean()), 4) if n else 0.0,
-            "mean-flops": float(cost[exits].mean()) if n else 0.0,
-            "mean-blocks": round(float(exits.mean() + 1), 4) if n else 0.0,
-            "exit-counts": np.bincount(exits, minlength=num_exits).tolist(),
-        })
+        rows.append(
+            {
+                "threshold": float(t),
+                "accuracy": round(float(hit.mean()), 4) if n else 0.0,
+                "mean-flops": float(cost[exits].mean()) if n else 0.0,
+                "mean-blocks": round(float(exits.mean() + 1), 4) if n else 0.0,
+                "exit-counts": np.bincount(exits, minlength=num_exits).tolist(),
+            }
+        )
     return rows
 
 

@@ -8,8 +8,8 @@ the default run works with no network.
 
 from __future__ import annotations
 
-from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from pathlib import Path
+from pickle import UnpicklingError  # the exception only: nothing here unpickles
 
 import torch
 from safetensors import SafetensorError
@@ -49,8 +49,6 @@ def vit_micro_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer
     return _create_vision_transformer("vit_micro_patch7_28", pretrained=pretrained, **dict(args, **kwargs))
 
 
-
-
 def load_backbone(
     name: str,
     *,
@@ -85,7 +83,9 @@ def load_backbone(
         # A damaged weights file: one line naming it, not the loader's traceback.
         key = "backbone-weights" if weights else "pretrained" if pretrained else "backbone"
         what = f"{weights}: not a readable weights file" if weights else f"could not build {name!r}"
-        raise BackboneError(key, f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise BackboneError(
+            key, f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     if not isinstance(model, VisionTransformer):
         raise BackboneError("backbone", f"{name!r} is not a plain ViT/DeiT (got {type(model).__name__})")
     if getattr(model, "cls_token", None) is None:

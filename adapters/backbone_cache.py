@@ -39,8 +39,14 @@ def _version(dist: str) -> str:
 
 
 def backbone_key(name: str, weights: str, pretrained: bool, img_size: int | None, patch_size: int | None) -> str:
-    parts: dict = {"name": name, "pretrained": bool(pretrained) and not weights, "img_size": img_size or 0,
-                   "patch_size": patch_size or 0, "timm": _version("timm"), "torch": torch.__version__}
+    parts: dict = {
+        "name": name,
+        "pretrained": bool(pretrained) and not weights,
+        "img_size": img_size or 0,
+        "patch_size": patch_size or 0,
+        "timm": _version("timm"),
+        "torch": torch.__version__,
+    }
     if weights:
         st = Path(weights).expanduser().stat()
         parts["weights"] = [str(Path(weights).expanduser().resolve()), st.st_size, st.st_mtime_ns]

@@ -32,14 +32,21 @@ def resolve_weights(value: str) -> str:
     return str(path)
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, seed: int | None = None, cache_dir: Path | None = None) -> AnytimeViT:
+def build_model(
+    cfg: dict[str, Any], num_classes: int, seed: int | None = None, cache_dir: Path | None = None
+) -> AnytimeViT:
     """Backbone (frozen) + adapters + heads; adapters initialised from `seed`.
 
     With `cache_dir`, the backbone comes from (and goes to) that disk cache.
     """
     weights = resolve_weights(cfg["backbone-weights"]) if cfg["backbone-weights"] else ""
-    args = dict(name=cfg["backbone"], weights=weights, pretrained=cfg["pretrained"],
-                img_size=cfg["img-size"] or None, patch_size=cfg["patch-size"] or None)
+    args = dict(
+        name=cfg["backbone"],
+        weights=weights,
+        pretrained=cfg["pretrained"],
+        img_size=cfg["img-size"] or None,
+        patch_size=cfg["patch-size"] or None,
+    )
     if cache_dir is None:
         backbone = _load_backbone(**args)
     else:
@@ -86,7 +93,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError("device", f"{name!r} asked for, but this torch sees no CUDA GPU (torch {torch.__version__})")
+        raise BackboneError(
+            "device", f"{name!r} asked for, but this torch sees no CUDA GPU (torch {torch.__version__})"
+        )
     return torch.device(name)
 
 

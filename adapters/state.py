@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import AnytimeViT
 from core.naming import names_up_to
+
+from .model import AnytimeViT
 
 
 def trainable_names(model: AnytimeViT, depth: int | None = None) -> list[str]:

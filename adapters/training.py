@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from core.config import settings
 
-from .optim import make_optimizer
 from .model import AnytimeViT
+from .optim import make_optimizer
 from .state import trainable_names
 
 
@@ -52,8 +52,9 @@ class TrainSettings:
         if personalize:
             # A personal model should learn its own label prior, with AdamW at
             # its own small learning rate, whatever federated training uses.
-            values.update(epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw",
-                          logit_adjust=0.0)
+            values.update(
+                epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw", logit_adjust=0.0
+            )
             return cls(**values)
         values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
         return cls(**values, prox_mu=prox_mu, class_counts=class_counts)
@@ -85,8 +86,9 @@ def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> fl
     return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-def exit_losses(logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings,
-                prior: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def exit_losses(
+    logits: list[torch.Tensor], y: torch.Tensor, s: TrainSettings, prior: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     # Logit adjustment (balanced softmax at tau 1): the heads learn p(x|y)
     # scores, not this client's label skew, so averaged heads are not pulled
     # towards each client's own majority classes. Training only.

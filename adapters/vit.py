@@ -111,25 +111,42 @@ def plain_spec(model: nn.Module) -> dict[str, Any] | None:
     """The PlainViT spec of a built timm ViT, or None when it is not the plain case."""
     identity = ("Identity", "Dropout")
     pe = getattr(model, "patch_embed", None)
-    if not (_is(model, "VisionTransformer") and getattr(model, "cls_token", None) is not None
-            and getattr(model, "reg_token", None) is None and getattr(model, "pos_embed", None) is not None
-            and not getattr(model, "no_embed_class", True) and not getattr(model, "dynamic_img_size", True)
-            and _is(pe, "PatchEmbed") and getattr(pe, "flatten", False) and not getattr(pe, "dynamic_img_pad", True)
-            and _is(getattr(pe, "norm", None), *identity) and pe.img_size[0] == pe.img_size[1]
-            and pe.patch_size[0] == pe.patch_size[1] and pe.proj.padding == (0, 0)
-            and all(_is(getattr(model, a, None), *identity) for a in ("patch_drop", "norm_pre", "pos_drop"))
-            and _is(getattr(model, "norm", None), "LayerNorm")):
+    if not (
+        _is(model, "VisionTransformer")
+        and getattr(model, "cls_token", None) is not None
+        and getattr(model, "reg_token", None) is None
+        and getattr(model, "pos_embed", None) is not None
+        and not getattr(model, "no_embed_class", True)
+        and not getattr(model, "dynamic_img_size", True)
+        and _is(pe, "PatchEmbed")
+        and getattr(pe, "flatten", False)
+        and not getattr(pe, "dynamic_img_pad", True)
+        and _is(getattr(pe, "norm", None), *identity)
+        and pe.img_size[0] == pe.img_size[1]
+        and pe.patch_size[0] == pe.patch_size[1]
+        and pe.proj.padding == (0, 0)
+        and all(_is(getattr(model, a, None), *identity) for a in ("patch_drop", "norm_pre", "pos_drop"))
+        and _is(getattr(model, "norm", None), "LayerNorm")
+    ):
         return None
     blocks = list(model.blocks)
     for b in blocks:
         attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
-        if not (_is(b, "Block") and _is(attn, "Attention") and _is(mlp, "Mlp")
-                and _is(b.norm1, "LayerNorm") and _is(b.norm2, "LayerNorm")
-                and all(_is(getattr(b, a, None), *identity) for a in ("ls1", "ls2", "drop_path1", "drop_path2"))
-                and all(_is(getattr(attn, a, None), *identity) for a in ("q_norm", "k_norm", "norm"))
-                and getattr(attn, "gate", None) is None and attn.qkv.out_features == 3 * model.embed_dim
-                and _is(mlp.act, "GELU") and getattr(mlp.act, "approximate", "") == "none"
-                and _is(getattr(mlp, "norm", None), *identity) and getattr(mlp, "fc1", None) is not None):
+        if not (
+            _is(b, "Block")
+            and _is(attn, "Attention")
+            and _is(mlp, "Mlp")
+            and _is(b.norm1, "LayerNorm")
+            and _is(b.norm2, "LayerNorm")
+            and all(_is(getattr(b, a, None), *identity) for a in ("ls1", "ls2", "drop_path1", "drop_path2"))
+            and all(_is(getattr(attn, a, None), *identity) for a in ("q_norm", "k_norm", "norm"))
+            and getattr(attn, "gate", None) is None
+            and attn.qkv.out_features == 3 * model.embed_dim
+            and _is(mlp.act, "GELU")
+            and getattr(mlp.act, "approximate", "") == "none"
+            and _is(getattr(mlp, "norm", None), *identity)
+            and getattr(mlp, "fc1", None) is not None
+        ):
             return None
     first = blocks[0]
     cfg = getattr(model, "pretrained_cfg", {}) or {}

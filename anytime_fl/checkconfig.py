@@ -41,19 +41,34 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import parse_run_config
 
     parser = argparse.ArgumentParser(prog="anytime-fl check-config", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-config", "-c", action="append", default=[], metavar="TOML_OR_OVERRIDES",
-                        help="a TOML preset and/or \"key=value ...\" overrides (repeatable, later ones win)")
-    parser.add_argument("--write", metavar="FILE", help="save the merged keys as one TOML file for `flwr run --run-config FILE`")
-    parser.add_argument("--num-nodes", type=int, default=None,
-                        help="the federation's size when known (simulation: num-supernodes): min-nodes must not exceed it")
+    parser.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        metavar="TOML_OR_OVERRIDES",
+        help='a TOML preset and/or "key=value ..." overrides (repeatable, later ones win)',
+    )
+    parser.add_argument(
+        "--write", metavar="FILE", help="save the merged keys as one TOML file for `flwr run --run-config FILE`"
+    )
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="the federation's size when known (simulation: num-supernodes): min-nodes must not exceed it",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing when the config is good")
     args = parser.parse_args(argv)
     try:
         user = parse_run_config(args.run_config)
         cfg = validate(user)
         if args.num_nodes is not None and cfg["min-nodes"] > args.num_nodes:
-            raise ConfigError("min-nodes", f"is {cfg['min-nodes']} but the federation has {args.num_nodes} nodes "
-                                           "(NUM_SUPERNODES / num-supernodes); the run would wait for nodes that never come")
+            raise ConfigError(
+                "min-nodes",
+                f"is {cfg['min-nodes']} but the federation has {args.num_nodes} nodes "
+                "(NUM_SUPERNODES / num-supernodes); the run would wait for nodes that never come",
+            )
         text = to_toml(user)
         if args.write:
             try:

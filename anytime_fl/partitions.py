@@ -20,12 +20,24 @@ from core.config import ConfigError, parse_run_config, validate
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anytime-fl partitions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-config", action="append", default=[], metavar="TOML_OR_OVERRIDES",
-                        help="a TOML preset and/or \"key=value ...\" overrides (repeatable)")
-    parser.add_argument("--num-partitions", type=int, required=True,
-                        help="number of clients (in simulation: the federation's number of supernodes)")
-    parser.add_argument("--out", default="partition-stats",
-                        help="path prefix of the JSON and CSV files written (default: ./partition-stats)")
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="TOML_OR_OVERRIDES",
+        help='a TOML preset and/or "key=value ..." overrides (repeatable)',
+    )
+    parser.add_argument(
+        "--num-partitions",
+        type=int,
+        required=True,
+        help="number of clients (in simulation: the federation's number of supernodes)",
+    )
+    parser.add_argument(
+        "--out",
+        default="partition-stats",
+        help="path prefix of the JSON and CSV files written (default: ./partition-stats)",
+    )
     args = parser.parse_args(argv)
 
     # Imported here: `anytime-fl --help` stays fast without torch and datasets.
@@ -41,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # the partitioner's own complaint, e.g. more partitions than it can fill
             if isinstance(err, (ConfigError, DataError)):
                 raise
-            raise ConfigError("--num-partitions", f"cannot split task {cfg['task']!r} into {args.num_partitions} "
-                                                  f"partitions: {err}") from None
+            raise ConfigError(
+                "--num-partitions", f"cannot split task {cfg['task']!r} into {args.num_partitions} partitions: {err}"
+            ) from None
         out = Path(args.out).expanduser()
         paths = [out.with_name(out.name + ".json"), out.with_name(out.name + ".csv")]
         try:

@@ -36,7 +36,9 @@ def _adapter_file(path: str) -> Path:
     if p.is_dir():
         p = p / WEIGHTS_NAME
     if not p.is_file():
-        raise PredictError(f"{p}: no adapter file (expected a run directory holding {WEIGHTS_NAME}, or the file itself)")
+        raise PredictError(
+            f"{p}: no adapter file (expected a run directory holding {WEIGHTS_NAME}, or the file itself)"
+        )
     return p
 
 
@@ -100,8 +102,9 @@ def _audio(path: Path) -> np.ndarray:
     except ModuleNotFoundError as err:
         if err.name != "fedtasks.audio":
             raise
-        raise PredictError(f"{path}: audio input needs the speech task (fedtasks/audio.py), "
-                           "which this installation does not have") from None
+        raise PredictError(
+            f"{path}: audio input needs the speech task (fedtasks/audio.py), which this installation does not have"
+        ) from None
     features = getattr(audio, "file_features", None)
     if features is None:
         raise PredictError(f"{path}: fedtasks.audio provides no file_features(path) to turn audio into a log-mel image")
@@ -136,8 +139,9 @@ def _class_names(cfg) -> list[str] | None:
         return None
 
 
-def predict(model, x: torch.Tensor, *, exit_at: int | None = None, threshold: float | None = None,
-            max_depth: int | None = None) -> list[dict]:
+def predict(
+    model, x: torch.Tensor, *, exit_at: int | None = None, threshold: float | None = None, max_depth: int | None = None
+) -> list[dict]:
     """Per input: class, confidence, exit, blocks run and FLOPs spent."""
     from adapters.anytime import early_exit, flops_per_exit
 
@@ -154,8 +158,13 @@ def predict(model, x: torch.Tensor, *, exit_at: int | None = None, threshold: fl
     out = early_exit(model, x, threshold, depth)
     flops = flops_per_exit(model)
     return [
-        {"class": int(z.argmax()), "confidence": round(float(c), 4), "exit": int(e), "blocks": int(e),
-         "flops": flops[int(e) - 1]}
+        {
+            "class": int(z.argmax()),
+            "confidence": round(float(c), 4),
+            "exit": int(e),
+            "blocks": int(e),
+            "flops": flops[int(e) - 1],
+        }
         for z, e, c in zip(out.logits, out.exits, out.confidence)
     ]
 
@@ -166,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", help="images (PNG/JPEG) or audio files (.wav/.flac)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--exit", type=int, help="stop every input at this exit (1 = after the first block)")
-    how.add_argument("--threshold", type=float,
-                     help="stop each input at the first exit whose softmax confidence >= this (0..1)")
+    how.add_argument(
+        "--threshold", type=float, help="stop each input at the first exit whose softmax confidence >= this (0..1)"
+    )
     parser.add_argument("--max-depth", type=int, default=None, help="deepest exit --threshold may use (device budget)")
-    parser.add_argument("--backbone-weights", default=None,
-                        help="backbone weights file to use instead of the one in the run config")
+    parser.add_argument(
+        "--backbone-weights", default=None, help="backbone weights file to use instead of the one in the run config"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per input instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -180,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"--max-depth must be >= 1, got {args.max_depth}")
         model, spec, cfg = load_run(args.adapters, args.backbone_weights)
         if not cfg["backbone-weights"] and not cfg["pretrained"]:
-            print("anytime-fl predict: warning: the run used a random backbone (backbone-weights=''); "
-                  "this one is random too, so predictions mean nothing", file=sys.stderr)
-        rows = predict(model, load_inputs(args.files, spec), exit_at=args.exit, threshold=args.threshold,
-                       max_depth=args.max_depth)
+            print(
+                "anytime-fl predict: warning: the run used a random backbone (backbone-weights=''); "
+                "this one is random too, so predictions mean nothing",
+                file=sys.stderr,
+            )
+        rows = predict(
+            model, load_inputs(args.files, spec), exit_at=args.exit, threshold=args.threshold, max_depth=args.max_depth
+        )
     except PredictError as err:
         print(f"anytime-fl predict: {err}", file=sys.stderr)
         return 2
@@ -195,11 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
         else:
             label = f" ({row['label']})" if row["label"] else ""
-            print(f"{name}: class {row['class']}{label}  confidence {row['confidence']:.3f}  "
-                  f"exit {row['exit']}/{full}  blocks {row['blocks']}  {row['flops'] / 1e6:.2f} MFLOPs")
+            print(
+                f"{name}: class {row['class']}{label}  confidence {row['confidence']:.3f}  "
+                f"exit {row['exit']}/{full}  blocks {row['blocks']}  {row['flops'] / 1e6:.2f} MFLOPs"
+            )
     if not args.json and len(rows) > 1:
-        print(f"mean: {np.mean([r['blocks'] for r in rows]):.2f} blocks, "
-              f"{np.mean([r['flops'] for r in rows]) / 1e6:.2f} MFLOPs per input")
+        print(
+            f"mean: {np.mean([r['blocks'] for r in rows]):.2f} blocks, "
+            f"{np.mean([r['flops'] for r in rows]) / 1e6:.2f} MFLOPs per input"
+        )
     return 0
 
 

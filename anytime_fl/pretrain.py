@@ -73,8 +73,21 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 def remake_command(out: str, epochs: int, batch_size: int, lr: float, train_limit: int | None, seed: int) -> str:
-    args = ["python", "-m", "anytime_fl.pretrain", "--out", out, "--epochs", str(epochs),
-            "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed)]
+    args = [
+        "python",
+        "-m",
+        "anytime_fl.pretrain",
+        "--out",
+        out,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        str(lr),
+        "--seed",
+        str(seed),
+    ]
     if train_limit:
         args += ["--train-limit", str(train_limit)]
     return shlex.join(args + ["--force"])
@@ -109,17 +122,24 @@ def pretrain(
     model = timm.create_model(MODEL, num_classes=10)
     # Decay only matrices: norms, biases and embeddings are kept free, as in DeiT.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)
+    ]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * steps_per_epoch
     warmup = max(1, min(200, total // 10))
     # Linear warm-up then cosine to zero: a from-scratch ViT diverges without the warm-up.
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        opt,
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
     )
-    log(f"pretrain {MODEL}: {len(x)} train / {len(tx)} test images, {epochs} epochs x {steps_per_epoch} steps, "
-        f"batch {batch_size}, lr {lr}, {torch.get_num_threads()} threads")
+    log(
+        f"pretrain {MODEL}: {len(x)} train / {len(tx)} test images, {epochs} epochs x {steps_per_epoch} steps, "
+        f"batch {batch_size}, lr {lr}, {torch.get_num_threads()} threads"
+    )
 
     step = 0
     for epoch in range(1, epochs + 1):
@@ -141,8 +161,10 @@ def pretrain(
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             if step % 50 == 0 or seen == len(x):
-                log(f"epoch {epoch}/{epochs} step {step}/{total} loss {loss_sum / seen:.4f} "
-                    f"train_acc {correct / seen:.4f} {seen / (time.time() - t0):.0f} img/s")
+                log(
+                    f"epoch {epoch}/{epochs} step {step}/{total} loss {loss_sum / seen:.4f} "
+                    f"train_acc {correct / seen:.4f} {seen / (time.time() - t0):.0f} img/s"
+                )
     test_acc = evaluate(model, tx, ty)
     seconds = time.time() - start
     log(f"test accuracy {test_acc:.4f} on {len(tx)} images; {seconds:.0f} s in all")
@@ -150,7 +172,9 @@ def pretrain(
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     # fp16 halves the shipped file; the head stays so the card's accuracy can be checked.
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(out), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(out), metadata={"format": "pt"}
+    )
     cfg = model.patch_embed
     card = {
         "backbone": MODEL,
@@ -196,16 +220,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX .gz files")
     parser.add_argument("--train-limit", type=_positive(int), default=None, help="use only the first N train images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite an existing --out file (the default --out is the shipped backbone)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing --out file (the default --out is the shipped backbone)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         shipped = " (the shipped backbone every default run uses)" if out.resolve() == Path(DEFAULT_OUT) else ""
-        parser.exit(2, f"{parser.prog}: error: {out} exists{shipped}; pass --out NEW_FILE, or --force to overwrite it\n")
+        parser.exit(
+            2, f"{parser.prog}: error: {out} exists{shipped}; pass --out NEW_FILE, or --force to overwrite it\n"
+        )
     try:
-        pretrain(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        data_dir=args.data_dir, train_limit=args.train_limit, seed=args.seed)
+        pretrain(
+            args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            data_dir=args.data_dir,
+            train_limit=args.train_limit,
+            seed=args.seed,
+        )
     except (FileNotFoundError, ValueError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0

@@ -40,8 +40,11 @@ def main() -> None:
     if not raw.isdigit() or int(raw) <= 0:
         sys.exit(f"ANYTIME_SQLITE_BUSY_MS must be a positive number of milliseconds, got {raw!r}")
     if not patch_lock_wait(int(raw)):
-        print("anytime_fl.superlink: this Flower release has no SQLITE_PRAGMAS to adjust; "
-              "starting flower-superlink unchanged", file=sys.stderr)
+        print(
+            "anytime_fl.superlink: this Flower release has no SQLITE_PRAGMAS to adjust; "
+            "starting flower-superlink unchanged",
+            file=sys.stderr,
+        )
     from flwr.superlink.cli import flower_superlink
 
     sys.argv[0] = "flower-superlink"

@@ -22,7 +22,8 @@ round, float32 dense (`core.codec.payload_bytes`: .npy data with
 headers plus names), summed over the run.
 
     python bench/accuracy.py                                 # 15 rounds, 20 clients; ~8 min on 2 cores
-    python bench/accuracy.py --rounds 50 --nodes 100 --run-config "device='cuda' backbone='vit_tiny_patch16_224' img-size=32 patch-size=4"
+    python bench/accuracy.py --rounds 50 --nodes 100 \
+        --run-config "device='cuda' backbone='vit_tiny_patch16_224' img-size=32 patch-size=4"
     python bench/accuracy.py --methods ours12 --out bench/results/accuracy_ours12.json   # ours, no tiers
     python bench/accuracy.py --no-sweep --lr-full 1e-4       # fixed learning rates
 """
@@ -38,10 +39,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchkit import RESULTS, Report, parse_overrides, table
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
-
-from benchkit import RESULTS, Report, parse_overrides, table
 
 from adapters.backbone import BackboneError, load_backbone
 from adapters.build import resolve_device, resolve_weights
@@ -49,18 +49,19 @@ from adapters.state import set_state
 from adapters.training import evaluate
 from core.codec import payload_bytes
 from core.config import ConfigError, validate
-from tests.localgrid import LocalGrid
-from runtime.models import model_and_spec
 from fedtasks.base import DataError
 from fedtasks.task import get_task, load_partition, load_test
+from runtime.models import model_and_spec
 from server_app import results
 from server_app.app import run
+from tests.localgrid import LocalGrid
 
 # Each grid is centred where a first sweep found the best (it sat at the edge of a lower grid).
 SWEEPS = {"ours": "3e-3,1e-2,3e-2", "full": "3e-4,1e-3,3e-3", "head": "3e-3,1e-2,3e-2,1e-1", "ours12": "3e-3,1e-2,3e-2"}
 
 
 # -- the baselines: a plain FedAvg loop -------------------------------------
+
 
 class FinalHead(nn.Module):
     """timm ViT (num_classes=0 gives the final CLS feature) + one linear head."""
@@ -76,8 +77,13 @@ class FinalHead(nn.Module):
 
 def build_baseline(cfg: dict, method: str, num_classes: int) -> FinalHead:
     weights = resolve_weights(cfg["backbone-weights"]) if cfg["backbone-weights"] else ""
-    backbone = load_backbone(cfg["backbone"], weights=weights, pretrained=cfg["pretrained"],
-                             img_size=cfg["img-size"] or None, patch_size=cfg["patch-size"] or None)
+    backbone = load_backbone(
+        cfg["backbone"],
+        weights=weights,
+        pretrained=cfg["pretrained"],
+        img_size=cfg["img-size"] or None,
+        patch_size=cfg["patch-size"] or None,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(cfg["seed"])
         model = FinalHead(backbone, num_classes)
@@ -136,8 +142,9 @@ def fedavg(cfg: dict, method: str, lr: float, nodes: int, rounds: int, val_only:
     else:
         trained, evaluated = net, net
     names = [n for n, p in trained.named_parameters() if p.requires_grad]
-    per_client_bytes = payload_bytes({n: p.detach().cpu().numpy().astype(np.float32) for n, p in trained.named_parameters()
-                                      if p.requires_grad})
+    per_client_bytes = payload_bytes(
+        {n: p.detach().cpu().numpy().astype(np.float32) for n, p in trained.named_parameters() if p.requires_grad}
+    )
     global_state = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
     params = dict(trained.named_parameters())
     dev = device_of(trained)
@@ -177,13 +184,20 @@ def fedavg(cfg: dict, method: str, lr: float, nodes: int, rounds: int, val_only:
             params[n].copy_(global_state[n])
     out = {"val-accuracy": accuracy(evaluated, ConcatDataset([va for _, va in parts]), bs)}
     if not val_only:
-        out.update({"accuracy": [accuracy(evaluated, test, bs)], "bytes-up-total": sent,
-                    "bytes-per-client-round": per_client_bytes, "trained-params": int(sum(global_state[n].numel() for n in names))})
+        out.update(
+            {
+                "accuracy": [accuracy(evaluated, test, bs)],
+                "bytes-up-total": sent,
+                "bytes-per-client-round": per_client_bytes,
+                "trained-params": int(sum(global_state[n].numel() for n in names)),
+            }
+        )
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
 
 # -- ours: the real apps ----------------------------------------------------
+
 
 def ours(cfg: dict, lr: float, nodes: int, rounds: int, val_only: bool = False) -> dict:
     t0 = time.time()
@@ -203,10 +217,16 @@ def ours(cfg: dict, lr: float, nodes: int, rounds: int, val_only: bool = False) 
     if not val_only:
         sampled = [sorted(c["partition-id"] for c in r["per-client"]) for r in rows]
         per_client = [c["bytes-up"] for r in rows for c in r["per-client"]]
-        out.update({"accuracy": rows[-1]["server"]["accuracy"], "curve": [r["server"]["accuracy"] for r in rows],
-                    "bytes-up-total": sum(r["bytes-up"] for r in rows),
-                    "bytes-per-client-round": float(np.mean(per_client)), "sampled": sampled,
-                    "trained-params": int(sum(a.size for a in arrays.values()))})
+        out.update(
+            {
+                "accuracy": rows[-1]["server"]["accuracy"],
+                "curve": [r["server"]["accuracy"] for r in rows],
+                "bytes-up-total": sum(r["bytes-up"] for r in rows),
+                "bytes-per-client-round": float(np.mean(per_client)),
+                "sampled": sampled,
+                "trained-params": int(sum(a.size for a in arrays.values())),
+            }
+        )
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -219,21 +239,31 @@ def train_method(method: str, cfg: dict, lr: float, nodes: int, rounds: int, val
     return fedavg(cfg, method, lr, nodes, rounds, val_only)
 
 
-LABELS = {"ours": "ours (tiers 3/6/9/12)", "full": "full fine-tuning FedAvg", "head": "head-only FedAvg",
-          "ours12": "ours, every client 12 blocks"}
+LABELS = {
+    "ours": "ours (tiers 3/6/9/12)",
+    "full": "full fine-tuning FedAvg",
+    "head": "head-only FedAvg",
+    "ours12": "ours, every client 12 blocks",
+}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--nodes", type=int, default=20)
-    ap.add_argument("--methods", default="ours,full,head",
-                    help="of ours, full, head, ours12 (ours with every client running all 12 blocks, as full fine-tuning's clients do)")
+    ap.add_argument(
+        "--methods",
+        default="ours,full,head",
+        help="of ours, full, head, ours12 (ours with every client running all 12 blocks, "
+        "as full fine-tuning's clients do)",
+    )
     for m in SWEEPS:
         ap.add_argument(f"--lr-{m}", default=SWEEPS[m], help=f"learning rate(s) of {m}, comma-separated (swept)")
     ap.add_argument("--sweep-rounds", type=int, default=4, help="rounds of each learning-rate trial")
     ap.add_argument("--no-sweep", action="store_true", help="use the first learning rate of each list")
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES", help="run-config overrides for every method")
+    ap.add_argument(
+        "--run-config", nargs="*", default=[], metavar="OVERRIDES", help="run-config overrides for every method"
+    )
     ap.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     args = ap.parse_args(argv)
     user = {"fraction-evaluate": 0.0, "personalize-epochs": 0, **parse_overrides(args.run_config)}
@@ -246,8 +276,21 @@ def main(argv=None) -> int:
     # every method trains with the threads a client gets (the ClientApp sets the same)
     torch.set_num_threads(cfg["client-threads"])
     report = Report("accuracy", args)
-    report["config"] = {k: cfg[k] for k in ("task", "backbone", "backbone-weights", "tiers", "local-epochs", "batch-size",
-                                            "fraction-train", "weight-decay", "seed", "dirichlet-alpha")}
+    report["config"] = {
+        k: cfg[k]
+        for k in (
+            "task",
+            "backbone",
+            "backbone-weights",
+            "tiers",
+            "local-epochs",
+            "batch-size",
+            "fraction-train",
+            "weight-decay",
+            "seed",
+            "dirichlet-alpha",
+        )
+    }
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sweeps, rows = {}, []
     for method in methods:
@@ -259,13 +302,21 @@ def main(argv=None) -> int:
             for lr in lrs:
                 res = train_method(method, cfg, lr, args.nodes, args.sweep_rounds, val_only=True)
                 trials.append({"lr": lr, **res})
-                print(f"  sweep {method:<5} lr {lr:g}: validation accuracy {res['val-accuracy']:.3f} ({res['seconds']} s)", flush=True)
+                print(
+                    f"  sweep {method:<5} lr {lr:g}: "
+                    f"validation accuracy {res['val-accuracy']:.3f} ({res['seconds']} s)",
+                    flush=True,
+                )
             best = max(trials, key=lambda t: t["val-accuracy"])["lr"]
             sweeps[method] = trials
         res = train_method(method, cfg, best, args.nodes, args.rounds)
         row = {"method": LABELS[method], "key": method, "lr": best, **res}
-        print(f"== {LABELS[method]}, lr {best:g}: test accuracy per exit {' '.join(f'{a:.3f}' for a in res['accuracy'])}, "
-              f"{res['bytes-up-total'] / 1e6:.2f} MB up in total ({res['seconds']} s)", flush=True)
+        print(
+            f"== {LABELS[method]}, lr {best:g}: "
+            f"test accuracy per exit {' '.join(f'{a:.3f}' for a in res['accuracy'])}, "
+            f"{res['bytes-up-total'] / 1e6:.2f} MB up in total ({res['seconds']} s)",
+            flush=True,
+        )
         rows.append(row)
     ours_row = next((r for r in rows if r["key"] == "ours"), None)
     if ours_row is not None:
@@ -282,8 +333,16 @@ def main(argv=None) -> int:
         r["MB-up-total"] = r["bytes-up-total"] / 1e6
         if full is not None:
             r["bytes-vs-full"] = r["bytes-up-total"] / full["bytes-up-total"]
-    print(f"\n{cfg['task']}, {args.nodes} clients, {args.rounds} rounds, backbone {cfg['backbone']} ({cfg['backbone-weights'] or 'random'}):")
-    print(table(rows, ["method", "lr", "final-exit-accuracy", "mean-exit-accuracy", "MB-up-total", "bytes-vs-full", "seconds"]))
+    print(
+        f"\n{cfg['task']}, {args.nodes} clients, {args.rounds} rounds, "
+        f"backbone {cfg['backbone']} ({cfg['backbone-weights'] or 'random'}):"
+    )
+    print(
+        table(
+            rows,
+            ["method", "lr", "final-exit-accuracy", "mean-exit-accuracy", "MB-up-total", "bytes-vs-full", "seconds"],
+        )
+    )
     if ours_row:
         print("ours, test accuracy per exit: " + " ".join(f"{a:.3f}" for a in ours_row["accuracy"]))
     report["sweeps"] = sweeps

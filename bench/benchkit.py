@@ -75,8 +75,10 @@ class Report:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.data, indent=2) + "\n")
-        print(f"load average (1/5/15 min): start {self.data['load-start']}, end {self.data['load-end']}; "
-              f"{self.data['wall-seconds']} s; written {path}")
+        print(
+            f"load average (1/5/15 min): start {self.data['load-start']}, end {self.data['load-end']}; "
+            f"{self.data['wall-seconds']} s; written {path}"
+        )
         return path
 
 

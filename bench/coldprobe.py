@@ -36,27 +36,39 @@ def main() -> None:
     record = ArrayRecord({k: _array(v) for k, v in arrays.items()})
     content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1})})
     msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
-    ctx = Context(run_id=1, node_id=1, node_config=json.loads(open(node_file).read()), state=RecordDict(),
-                  run_config=json.loads(open(run_file).read()))
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config=json.loads(open(node_file).read()),
+        state=RecordDict(),
+        run_config=json.loads(open(run_file).read()),
+    )
     reply = app(msg, ctx)
     if reply.has_error():
         raise SystemExit(f"the ClientApp replied with an error: {reply.error.reason}")
     t_done = time.perf_counter()
     reply_at = time.time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    heavy = [m for m in ("torchvision", "timm", "datasets", "flwr_datasets", "sklearn", "matplotlib", "torch._dynamo")
-             if m in sys.modules]
-    print(json.dumps({
-        "import-s": round(t_import - T0, 3),
-        "handle-s": round(t_done - t_import, 3),
-        "in-process-s": round(t_done - T0, 3),
-        "reply-at": reply_at,
-        "peak-rss-mb": round(usage.ru_maxrss / 1024, 1),
-        # CPU seconds to the reply: less sensitive than wall time to other work on the machine.
-        "cpu-s": round(usage.ru_utime + usage.ru_stime, 3),
-        "heavy-modules": heavy,
-        "examples": int(reply.content.metric_records["metrics"]["num-examples"]),
-    }))
+    heavy = [
+        m
+        for m in ("torchvision", "timm", "datasets", "flwr_datasets", "sklearn", "matplotlib", "torch._dynamo")
+        if m in sys.modules
+    ]
+    print(
+        json.dumps(
+            {
+                "import-s": round(t_import - T0, 3),
+                "handle-s": round(t_done - t_import, 3),
+                "in-process-s": round(t_done - T0, 3),
+                "reply-at": reply_at,
+                "peak-rss-mb": round(usage.ru_maxrss / 1024, 1),
+                # CPU seconds to the reply: less sensitive than wall time to other work on the machine.
+                "cpu-s": round(usage.ru_utime + usage.ru_stime, 3),
+                "heavy-modules": heavy,
+                "examples": int(reply.content.metric_records["metrics"]["num-examples"]),
+            }
+        )
+    )
 
 
 def _array(v):

@@ -42,9 +42,13 @@ NODE = {"partition-id": 0, "num-partitions": 20}
 
 def server_arrays(tree: Path, out: Path) -> None:
     """The global adapter state the server sends in round 1, built by `tree`."""
-    code = ("import sys, numpy as np; from core.config import validate; from runtime.models import initial_state;"
-            f"np.savez(sys.argv[1], **initial_state(validate({RUN_CONFIG!r})))")
-    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=_env(tree, out.parent / "unused-cache"), cwd=tree)
+    code = (
+        "import sys, numpy as np; from core.config import validate; from runtime.models import initial_state;"
+        f"np.savez(sys.argv[1], **initial_state(validate({RUN_CONFIG!r})))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(out)], check=True, env=_env(tree, out.parent / "unused-cache"), cwd=tree
+    )
 
 
 def _env(tree: Path, cache: Path) -> dict:
@@ -59,8 +63,14 @@ def probe(tree: Path, arrays: Path, cache: Path, work: Path) -> dict:
     run_file.write_text(json.dumps(RUN_CONFIG))
     node_file.write_text(json.dumps(NODE))
     t0 = time.time()
-    out = subprocess.run([sys.executable, str(PROBE), str(arrays), str(run_file), str(node_file)],
-                         capture_output=True, text=True, env=_env(tree, cache), cwd=tree, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(PROBE), str(arrays), str(run_file), str(node_file)],
+        capture_output=True,
+        text=True,
+        env=_env(tree, cache),
+        cwd=tree,
+        timeout=600,
+    )
     wall = time.time() - t0
     if out.returncode:
         raise SystemExit(f"probe in {tree} failed:\n{out.stderr[-3000:]}")
@@ -114,9 +124,21 @@ def main() -> None:
     summary = {f"{name} {case}": summarise(rows) for name, cases in runs.items() for case, rows in cases.items()}
     report["summary"] = summary
     report["runs"] = runs
-    print(table([{"tree / message": k, **v} for k, v in summary.items()],
-                ["tree / message", "wall-s-median", "wall-s-max", "cpu-s-median", "import-s-median", "handle-s-median",
-                 "peak-mb-median", "peak-mb-max"]))
+    print(
+        table(
+            [{"tree / message": k, **v} for k, v in summary.items()],
+            [
+                "tree / message",
+                "wall-s-median",
+                "wall-s-max",
+                "cpu-s-median",
+                "import-s-median",
+                "handle-s-median",
+                "peak-mb-median",
+                "peak-mb-max",
+            ],
+        )
+    )
     report.write(args.out)
 
 

@@ -26,7 +26,6 @@ import sys
 
 import numpy as np
 import torch
-
 from benchkit import RESULTS, Report, human_bytes, parse_overrides, table
 
 from adapters.backbone import load_backbone
@@ -39,7 +38,9 @@ from core.config import ConfigError, validate
 DEFAULT_MODELS = "vit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224"
 
 
-def one_step_delta(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], forward, batch: int, seed: int) -> dict[str, np.ndarray]:
+def one_step_delta(
+    model: torch.nn.Module, params: dict[str, torch.nn.Parameter], forward, batch: int, seed: int
+) -> dict[str, np.ndarray]:
     """The change one AdamW step makes to `params` on a random batch."""
     torch.manual_seed(seed)
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -71,15 +72,30 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
     full_bytes = encoded(delta, 1.0)
     n_full = int(sum(a.size for a in delta.values()))
     rows.append({"method": "full fine-tuning (FedAvg)", "params": n_full, "up": full_bytes, "down": full_bytes})
-    rows.append({"method": "full fine-tuning, top-k 0.01", "params": n_full, "up": encoded(delta, 0.01), "down": full_bytes})
+    rows.append(
+        {"method": "full fine-tuning, top-k 0.01", "params": n_full, "up": encoded(delta, 0.01), "down": full_bytes}
+    )
     head = {k: v for k, v in delta.items() if k.startswith("head.")}
     head_bytes = payload_bytes({k: v.astype(np.float32) for k, v in head.items()})
-    rows.append({"method": "head-only (FedAvg)", "params": int(sum(a.size for a in head.values())), "up": head_bytes, "down": head_bytes})
+    rows.append(
+        {
+            "method": "head-only (FedAvg)",
+            "params": int(sum(a.size for a in head.values())),
+            "up": head_bytes,
+            "down": head_bytes,
+        }
+    )
     del full, model, full_params, delta
 
     backbone = load_backbone(name)
-    model = AnytimeViT(backbone, num_classes, width=cfg["adapter-width"], heads=cfg["adapter-heads"],
-                       mlp_ratio=cfg["adapter-mlp-ratio"], shared_adapter=cfg["shared-adapter"])
+    model = AnytimeViT(
+        backbone,
+        num_classes,
+        width=cfg["adapter-width"],
+        heads=cfg["adapter-heads"],
+        mlp_ratio=cfg["adapter-mlp-ratio"],
+        shared_adapter=cfg["shared-adapter"],
+    )
     for depth in tiers:
         names = trainable_names(model, depth)
         named = dict(model.trainable_named_parameters())
@@ -89,9 +105,19 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
         d = one_step_delta(model, params, loss, batch, depth)
         down = payload_bytes(get_state(model, depth))
         n = int(sum(a.size for a in d.values()))
-        rows.append({"method": f"ours, depth {depth} (dense)", "depth": depth, "params": n, "up": encoded(d, 1.0), "down": down})
+        rows.append(
+            {"method": f"ours, depth {depth} (dense)", "depth": depth, "params": n, "up": encoded(d, 1.0), "down": down}
+        )
         for f in fractions:
-            rows.append({"method": f"ours, depth {depth}, top-k {f:g}", "depth": depth, "params": n, "up": encoded(d, f), "down": down})
+            rows.append(
+                {
+                    "method": f"ours, depth {depth}, top-k {f:g}",
+                    "depth": depth,
+                    "params": n,
+                    "up": encoded(d, f),
+                    "down": down,
+                }
+            )
     for r in rows:
         r["model"] = name
         r["up-vs-full"] = r["up"] / full_bytes
@@ -108,8 +134,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tiers", default="3,6,9,12", help="depths of the tiers (must fit every model)")
     ap.add_argument("--topk", default="0.1,0.01", help="top-k fractions to encode our adapters' deltas with")
     ap.add_argument("--batch", type=int, default=2, help="images in the one local step that makes the delta")
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES",
-                    help="adapter run-config keys (adapter-width, adapter-heads, ...)")
+    ap.add_argument(
+        "--run-config",
+        nargs="*",
+        default=[],
+        metavar="OVERRIDES",
+        help="adapter run-config keys (adapter-width, adapter-heads, ...)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "communication.json"))
     args = ap.parse_args(argv)
     try:
@@ -119,7 +150,9 @@ def main(argv=None) -> int:
     tiers = [int(t) for t in args.tiers.split(",")]
     fractions = [float(f) for f in args.topk.split(",") if f]
     report = Report("communication", args)
-    report["adapter-config"] = {k: cfg[k] for k in ("adapter-width", "adapter-heads", "adapter-mlp-ratio", "shared-adapter")}
+    report["adapter-config"] = {
+        k: cfg[k] for k in ("adapter-width", "adapter-heads", "adapter-mlp-ratio", "shared-adapter")
+    }
     rows = []
     for name in args.models.split(","):
         print(f"== {name} ==", flush=True)

@@ -11,7 +11,8 @@ the chosen settings). Results are appended to the JSON after every
 experiment, so an interrupted sweep keeps what it measured.
 
     python bench/gap.py --rounds 10 --exp base --exp "logit1:logit-adjust=1.0"
-    python bench/gap.py --rounds 15 --exp "central:central" --exp "central-sgd:central optimizer=sgd lr=0.05 lr-schedule=cosine"
+    python bench/gap.py --rounds 15 --exp "central:central" \
+        --exp "central-sgd:central optimizer=sgd lr=0.05 lr-schedule=cosine"
 
 An experiment is NAME:OVERRIDES, OVERRIDES being space-separated
 KEY=VALUE run-config keys; the word `central` makes it central training,
@@ -27,16 +28,15 @@ import time
 
 import numpy as np
 import torch
+from accuracy import ours
+from benchkit import RESULTS, Report, parse_overrides
 from torch.utils.data import ConcatDataset, DataLoader
 
-from benchkit import RESULTS, Report, parse_overrides
-
-from accuracy import ours
 from adapters.build import build_model
-from adapters.training import TrainSettings, evaluate, exit_losses, make_optimizer, label_counts, logit_prior, round_lr
+from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior, make_optimizer, round_lr
 from core.config import validate
-from runtime.models import model_and_spec
 from fedtasks.task import load_partition, load_test
+from runtime.models import model_and_spec
 
 BASE = {"tiers": "12", "lr": 1e-2, "fraction-evaluate": 0.0, "personalize-epochs": 0}
 
@@ -54,8 +54,12 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
     train = ConcatDataset([tr for tr, _ in parts])
     val = ConcatDataset([va for _, va in parts])
     depth = max(int(s) for s in str(cfg["tiers"]).split(","))
-    s = TrainSettings(exit_loss=cfg["exit-loss"], distill_weight=cfg["distill-weight"],
-                      logit_adjust=cfg["logit-adjust"], block_grad=cfg["grad-through-blocks"])
+    s = TrainSettings(
+        exit_loss=cfg["exit-loss"],
+        distill_weight=cfg["distill-weight"],
+        logit_adjust=cfg["logit-adjust"],
+        block_grad=cfg["grad-through-blocks"],
+    )
     params = [p for _, p in model.trainable_named_parameters()]
     opt = make_optimizer(params, cfg["optimizer"], cfg["lr"], cfg["weight-decay"])
     prior = None
@@ -75,8 +79,12 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
     bs = cfg["eval-batch-size"]
     val_acc = evaluate(model, DataLoader(val, batch_size=bs), depth)["accuracy"]
     test_acc = evaluate(model, DataLoader(load_test(cfg, spec), batch_size=bs), depth)["accuracy"]
-    return {"val-accuracy": float(np.mean(val_acc)), "val-accuracy-per-exit": val_acc, "accuracy": test_acc,
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "val-accuracy": float(np.mean(val_acc)),
+        "val-accuracy-per-exit": val_acc,
+        "accuracy": test_acc,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -> dict:
@@ -86,9 +94,8 @@ def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -
     Every client trains all 12 LayerNorm+linear heads (FedAvg); central
     training runs the same for rounds x local-epochs epochs on the union.
     """
-    from peers import MultiExit, cls_features, exit_accuracy
-
     from accuracy import build_baseline, sampled_nodes
+    from peers import MultiExit, cls_features, exit_accuracy
 
     t0 = time.time()
     _, spec = model_and_spec(cfg)
@@ -98,8 +105,10 @@ def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -
     if key not in _FEATS:
         parts = [load_partition(cfg, spec, pid, nodes) for pid in range(nodes)]
         bs = cfg["eval-batch-size"]
-        _FEATS[key] = ([(cls_features(backbone, tr, bs), cls_features(backbone, va, bs)) for tr, va in parts],
-                       cls_features(backbone, load_test(cfg, spec), bs))
+        _FEATS[key] = (
+            [(cls_features(backbone, tr, bs), cls_features(backbone, va, bs)) for tr, va in parts],
+            cls_features(backbone, load_test(cfg, spec), bs),
+        )
     parts, test = _FEATS[key]
     with torch.random.fork_rng():
         torch.manual_seed(cfg["seed"])
@@ -159,8 +168,12 @@ def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -
                 p.copy_(v)
     bs = cfg["eval-batch-size"]
     val_acc = exit_accuracy(net, ConcatDataset([va for _, va in parts]), 12, bs)
-    return {"val-accuracy": float(np.mean(val_acc)), "val-accuracy-per-exit": val_acc,
-            "accuracy": exit_accuracy(net, test, 12, bs), "seconds": round(time.time() - t0, 1)}
+    return {
+        "val-accuracy": float(np.mean(val_acc)),
+        "val-accuracy-per-exit": val_acc,
+        "accuracy": exit_accuracy(net, test, 12, bs),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 _FEATS: dict = {}
@@ -180,7 +193,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--nodes", type=int, default=20)
-    ap.add_argument("--exp", action="append", default=[], help="NAME:KEY=VALUE ... (repeatable); 'base' alone = the baseline")
+    ap.add_argument(
+        "--exp", action="append", default=[], help="NAME:KEY=VALUE ... (repeatable); 'base' alone = the baseline"
+    )
     ap.add_argument("--base", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the baseline itself")
     ap.add_argument("--out", default=str(RESULTS / "gap.json"))
     args = ap.parse_args(argv)
@@ -200,10 +215,20 @@ def main(argv=None) -> int:
         else:
             res = ours(cfg, cfg["lr"], args.nodes, args.rounds)
             res.pop("sampled", None)
-        row = {"name": name, "central": is_central, "heads-only": "heads" in words, "overrides": over, "rounds": args.rounds, **res}
+        row = {
+            "name": name,
+            "central": is_central,
+            "heads-only": "heads" in words,
+            "overrides": over,
+            "rounds": args.rounds,
+            **res,
+        }
         rows.append(row)
-        print(f"== {name}: val mean {res['val-accuracy']:.3f} last {res['val-accuracy-per-exit'][-1]:.3f}; "
-              f"test last {res['accuracy'][-1]:.3f} mean {np.mean(res['accuracy']):.3f} ({res['seconds']} s)", flush=True)
+        print(
+            f"== {name}: val mean {res['val-accuracy']:.3f} last {res['val-accuracy-per-exit'][-1]:.3f}; "
+            f"test last {res['accuracy'][-1]:.3f} mean {np.mean(res['accuracy']):.3f} ({res['seconds']} s)",
+            flush=True,
+        )
         report.write(args.out)
     return 0
 

@@ -44,28 +44,42 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accuracy import FinalHead, build_baseline, device_of, sampled_nodes
+from benchkit import RESULTS, Report, parse_overrides, table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchkit import RESULTS, Report, parse_overrides, table
-
-from accuracy import FinalHead, build_baseline, device_of, sampled_nodes
 from adapters.training import make_optimizer
 from core.codec import payload_bytes
 from core.config import parse_tiers, validate
-from tests.localgrid import LocalGrid
-from runtime.models import model_and_spec
 from fedtasks.task import load_partition, load_test
+from runtime.models import model_and_spec
 from server_app import results
 from server_app.app import run
+from tests.localgrid import LocalGrid
 
-METHODS = ("ours", "reefl", "ours-topk0.1", "ours-topk0.01", "depthfl", "depthfl-kd", "exclusion", "headonly", "ceiling")
-OURS = {"ours": {}, "reefl": {"shared-adapter": True}, "ours-topk0.1": {"topk-fraction": 0.1},
-        "ours-topk0.01": {"topk-fraction": 0.01}}
+METHODS = (
+    "ours",
+    "reefl",
+    "ours-topk0.1",
+    "ours-topk0.01",
+    "depthfl",
+    "depthfl-kd",
+    "exclusion",
+    "headonly",
+    "ceiling",
+)
+OURS = {
+    "ours": {},
+    "reefl": {"shared-adapter": True},
+    "ours-topk0.1": {"topk-fraction": 0.1},
+    "ours-topk0.01": {"topk-fraction": 0.01},
+}
 LR = {"depthfl": 1e-3, "depthfl-kd": 1e-3, "exclusion": 1e-3, "ceiling": 1e-3, "headonly": 3e-2}
 
 
 # -- ours: the real apps, each client's local training timed ----------------
+
 
 class TimedGrid(LocalGrid):
     """LocalGrid that records each training reply's seconds and depth."""
@@ -95,13 +109,17 @@ def run_ours(cfg: dict, nodes: int, rounds: int) -> dict:
         run_dir = run(grid, run_cfg)
         rows = results.read_rows(run_dir)
     per_client = [c["bytes-up"] for r in rows for c in r["per-client"]]
-    return {"curve": [r["server"]["accuracy"] for r in rows], "bytes-up-total": sum(r["bytes-up"] for r in rows),
-            "bytes-per-client-round": float(np.mean(per_client)),
-            "sampled": [sorted(c["partition-id"] for c in r["per-client"]) for r in rows],
-            "train-seconds-by-depth": {d: float(np.mean(v)) for d, v in sorted(grid.train_seconds.items())}}
+    return {
+        "curve": [r["server"]["accuracy"] for r in rows],
+        "bytes-up-total": sum(r["bytes-up"] for r in rows),
+        "bytes-per-client-round": float(np.mean(per_client)),
+        "sampled": [sorted(c["partition-id"] for c in r["per-client"]) for r in rows],
+        "train-seconds-by-depth": {d: float(np.mean(v)) for d, v in sorted(grid.train_seconds.items())},
+    }
 
 
 # -- the peers: one depth-aware FedAvg loop ---------------------------------
+
 
 class MultiExit(nn.Module):
     """The timm ViT with a LayerNorm+linear exit head on every block's CLS token."""
@@ -166,7 +184,9 @@ def mutual_kd(logits: list[torch.Tensor]) -> torch.Tensor:
         return logits[0].sum() * 0
     logp = [F.log_softmax(z, -1) for z in logits]
     p = [lp.exp().detach() for lp in logp]
-    terms = [F.kl_div(logp[i], p[j], reduction="batchmean") for i in range(len(logits)) for j in range(len(logits)) if i != j]
+    terms = [
+        F.kl_div(logp[i], p[j], reduction="batchmean") for i in range(len(logits)) for j in range(len(logits)) if i != j
+    ]
     return torch.stack(terms).sum() / (len(logits) - 1)
 
 
@@ -264,8 +284,12 @@ def run_peer(cfg: dict, method: str, nodes: int, rounds: int, lr: float) -> dict
                 params[n].copy_(global_state[n])
         curve.append(exit_accuracy(net, test, top, bs))
         print(f"  {method} round {server_round}: mean exit accuracy {np.mean(curve[-1]):.3f}", flush=True)
-    return {"curve": curve, "bytes-up-total": sent, "bytes-per-client-round": float(np.mean(per_round_bytes)) if per_round_bytes else 0.0,
-            "train-seconds-by-depth": {d: float(np.mean(v)) for d, v in sorted(seconds.items())}}
+    return {
+        "curve": curve,
+        "bytes-up-total": sent,
+        "bytes-per-client-round": float(np.mean(per_round_bytes)) if per_round_bytes else 0.0,
+        "train-seconds-by-depth": {d: float(np.mean(v)) for d, v in sorted(seconds.items())},
+    }
 
 
 def rounds_to(curve: list[list[float]], share: float = 0.9) -> int:
@@ -280,14 +304,30 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     for m in LR:
         ap.add_argument(f"--lr-{m}", type=float, default=LR[m])
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for every method")
+    ap.add_argument(
+        "--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for every method"
+    )
     ap.add_argument("--out", default=str(RESULTS / "peers.json"))
     args = ap.parse_args(argv)
     cfg = validate({"fraction-evaluate": 0.0, "personalize-epochs": 0, **parse_overrides(args.run_config)})
     torch.set_num_threads(cfg["client-threads"])
     report = Report("peers", args)
-    report["config"] = {k: cfg[k] for k in ("task", "tiers", "local-epochs", "batch-size", "lr", "optimizer", "lr-schedule",
-                                            "logit-adjust", "grad-through-blocks", "dirichlet-alpha", "seed")}
+    report["config"] = {
+        k: cfg[k]
+        for k in (
+            "task",
+            "tiers",
+            "local-epochs",
+            "batch-size",
+            "lr",
+            "optimizer",
+            "lr-schedule",
+            "logit-adjust",
+            "grad-through-blocks",
+            "dirichlet-alpha",
+            "seed",
+        )
+    }
     report["rows"] = rows = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if method not in METHODS:
@@ -301,14 +341,29 @@ def main(argv=None) -> int:
             lr = getattr(args, "lr_" + method.replace("-", "_"))
             res = run_peer(cfg, method, args.nodes, args.rounds, lr)
         final = res["curve"][-1]
-        row = {"method": method, "lr": lr, "accuracy": final, "mean-exit-accuracy": float(np.mean(final)),
-               "rounds-to-90%": rounds_to(res["curve"]), "MB-per-client-round": res["bytes-per-client-round"] / 1e6,
-               "MB-total": res["bytes-up-total"] / 1e6, "seconds": round(time.time() - t0, 1), **res}
+        row = {
+            "method": method,
+            "lr": lr,
+            "accuracy": final,
+            "mean-exit-accuracy": float(np.mean(final)),
+            "rounds-to-90%": rounds_to(res["curve"]),
+            "MB-per-client-round": res["bytes-per-client-round"] / 1e6,
+            "MB-total": res["bytes-up-total"] / 1e6,
+            "seconds": round(time.time() - t0, 1),
+            **res,
+        }
         rows.append(row)
-        print(f"== {method}: per exit {' '.join(f'{a:.3f}' for a in final)}; mean {row['mean-exit-accuracy']:.3f}; "
-              f"{row['MB-total']:.1f} MB; {row['seconds']} s", flush=True)
+        print(
+            f"== {method}: per exit {' '.join(f'{a:.3f}' for a in final)}; mean {row['mean-exit-accuracy']:.3f}; "
+            f"{row['MB-total']:.1f} MB; {row['seconds']} s",
+            flush=True,
+        )
         report.write(args.out)
-    print(table(rows, ["method", "lr", "mean-exit-accuracy", "rounds-to-90%", "MB-per-client-round", "MB-total", "seconds"]))
+    print(
+        table(
+            rows, ["method", "lr", "mean-exit-accuracy", "rounds-to-90%", "MB-per-client-round", "MB-total", "seconds"]
+        )
+    )
     return 0
 
 

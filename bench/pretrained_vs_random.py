@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchkit import parse_overrides  # noqa: E402
 
-from tests.localgrid import LocalGrid  # noqa: E402
 from server_app import results  # noqa: E402
 from server_app.app import run  # noqa: E402
+from tests.localgrid import LocalGrid  # noqa: E402
 
 
 def federate(cfg: dict, nodes: int) -> dict:
@@ -35,8 +35,12 @@ def federate(cfg: dict, nodes: int) -> dict:
         run_dir = run(LocalGrid(nodes, cfg), cfg)
         rows = results.read_rows(run_dir)
     last = rows[-1]
-    return {"accuracy": last["server"]["accuracy"], "rounds": len(rows), "seconds": round(time.time() - t0, 1),
-            "bytes-up-total": sum(r["bytes-up"] for r in rows)}
+    return {
+        "accuracy": last["server"]["accuracy"],
+        "rounds": len(rows),
+        "seconds": round(time.time() - t0, 1),
+        "bytes-up-total": sum(r["bytes-up"] for r in rows),
+    }
 
 
 def main(argv=None) -> int:
@@ -48,8 +52,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     # Only the global model's test accuracy is compared: no federated
     # evaluation or personalisation round.
-    base = {"num-server-rounds": args.rounds, "fraction-evaluate": 0.0, "personalize-epochs": 0,
-            **parse_overrides(args.run_config)}
+    base = {
+        "num-server-rounds": args.rounds,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        **parse_overrides(args.run_config),
+    }
     report = {"config": base, "nodes": args.nodes}
     for label, weights in (("pretrained", base.get("backbone-weights", "shipped")), ("random", "")):
         print(f"== {label} backbone ==", flush=True)

@@ -42,23 +42,35 @@ DEFAULT_RUNS = ["clean", "fedavg", "krum", "bulyan", "median"]
 
 
 def one_run(name: str, args, base: dict) -> dict:
-    from tests.localgrid import LocalGrid
     from server_app import results
     from server_app.app import run
+    from tests.localgrid import LocalGrid
 
     strategy, sargs, attacked = RUNS[name]
-    cfg = {**base, "strategy": strategy, "strategy-args": sargs.format(z=args.dp_noise, c=args.dp_clip, eta=args.eta),
-           "attack-partitions": str(args.attacker) if attacked else "", "run-name": name}
+    cfg = {
+        **base,
+        "strategy": strategy,
+        "strategy-args": sargs.format(z=args.dp_noise, c=args.dp_clip, eta=args.eta),
+        "attack-partitions": str(args.attacker) if attacked else "",
+        "run-name": name,
+    }
     t0 = time.time()
     run_dir = run(LocalGrid(args.nodes, cfg), cfg)
     rows = results.read_rows(run_dir)
     # The deepest exit the clients train; exits past it stay untrained.
     deepest = max(int(t) for t in str(args.tiers).split(","))
     acc = rows[-1]["server"]["accuracy"][:deepest]
-    return {"run": name, "strategy": strategy, "strategy-args": cfg["strategy-args"], "attacker": attacked,
-            "acc-deepest": round(float(acc[-1]), 4), "acc-mean": round(sum(acc) / len(acc), 4),
-            "exit": deepest, "acc-per-round": [round(float(r["server"]["accuracy"][deepest - 1]), 4) for r in rows],
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "run": name,
+        "strategy": strategy,
+        "strategy-args": cfg["strategy-args"],
+        "attacker": attacked,
+        "acc-deepest": round(float(acc[-1]), 4),
+        "acc-mean": round(sum(acc) / len(acc), 4),
+        "exit": deepest,
+        "acc-per-round": [round(float(r["server"]["accuracy"][deepest - 1]), 4) for r in rows],
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -76,9 +88,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "robust.json"))
     args = ap.parse_args()
 
-    base = {"num-server-rounds": args.rounds, "tiers": args.tiers, "fraction-train": 1.0, "fraction-evaluate": 0.0,
-            "personalize-epochs": 0, "local-epochs": 1, "attack-noise-std": args.std,
-            "output-dir": tempfile.mkdtemp(prefix="anytime-robust-"), **parse_overrides(args.run_config)}
+    base = {
+        "num-server-rounds": args.rounds,
+        "tiers": args.tiers,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        "local-epochs": 1,
+        "attack-noise-std": args.std,
+        "output-dir": tempfile.mkdtemp(prefix="anytime-robust-"),
+        **parse_overrides(args.run_config),
+    }
     report = Report("robust", args)
     report["run-config"] = base
     rows = []
@@ -91,7 +111,12 @@ def main() -> None:
     for r in rows:
         r["drop-vs-clean"] = round(clean - r["acc-deepest"], 4) if clean is not None else ""
     report["runs"] = rows
-    print(table(rows, ["run", "strategy", "strategy-args", "attacker", "acc-deepest", "acc-mean", "drop-vs-clean", "seconds"]))
+    print(
+        table(
+            rows,
+            ["run", "strategy", "strategy-args", "attacker", "acc-deepest", "acc-mean", "drop-vs-clean", "seconds"],
+        )
+    )
     report.write(args.out)
 
 

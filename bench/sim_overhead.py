@@ -83,10 +83,14 @@ def _own_processes(marker: str) -> list[int]:
 
 def run_flower(cfg: dict, nodes: int, cpus: int, out_dir: Path, timeout: float, ray_cpus: int = 0) -> dict:
     home = Path(tempfile.mkdtemp(prefix="bench-flwr-home-"))
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     run_cfg = {**cfg, "output-dir": str(out_dir), "run-name": "flower"}
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_cfg.items())
     federation = f"num_supernodes={nodes} client_resources_num_cpus={cpus} client_resources_num_gpus=0.0"
@@ -107,16 +111,23 @@ def run_flower(cfg: dict, nodes: int, cpus: int, out_dir: Path, timeout: float, 
         shutil.rmtree(home, ignore_errors=True)
     rounds = round_seconds(out_dir / "flower")
     if proc.returncode or len(rounds) != cfg["num-server-rounds"]:
-        raise RuntimeError(f"flwr run failed (rc {proc.returncode}, {len(rounds)} rounds written):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"flwr run failed (rc {proc.returncode}, {len(rounds)} rounds written):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+        )
     return {"wall-s": wall, "round-s": rounds}
 
 
 def run_loop(cfg: dict, nodes: int, out_dir: Path, timeout: float) -> dict:
     job = {"cfg": {**cfg, "output-dir": str(out_dir), "run-name": "loop"}, "nodes": nodes}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     wall = time.perf_counter() - t0
     rounds = round_seconds(out_dir / "loop")
     if proc.returncode or len(rounds) != cfg["num-server-rounds"]:
@@ -125,8 +136,8 @@ def run_loop(cfg: dict, nodes: int, out_dir: Path, timeout: float) -> dict:
 
 
 def worker(job: dict) -> None:
-    from tests.localgrid import LocalGrid
     from server_app.app import run
+    from tests.localgrid import LocalGrid
 
     run(LocalGrid(job["nodes"], job["cfg"]), job["cfg"])
 
@@ -137,7 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each, interleaved")
     ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray client resources (num-cpus)")
-    ap.add_argument("--run-config", nargs="*", default=[], metavar="OVERRIDES", help="run-config overrides for both sides")
+    ap.add_argument(
+        "--run-config", nargs="*", default=[], metavar="OVERRIDES", help="run-config overrides for both sides"
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
     ap.add_argument("--out", default=str(RESULTS / "sim_overhead.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -147,8 +160,12 @@ def main(argv=None) -> int:
         return 0
     from core.config import ConfigError, validate
 
-    cfg = {"num-server-rounds": args.rounds, "fraction-evaluate": 0.0, "personalize-epochs": 0,
-           **parse_overrides(args.run_config)}
+    cfg = {
+        "num-server-rounds": args.rounds,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        **parse_overrides(args.run_config),
+    }
     try:
         validate(cfg)
     except ConfigError as err:
@@ -158,12 +175,18 @@ def main(argv=None) -> int:
     report = Report("sim_overhead", args)
     report["config"] = cfg
     sides = {
-        "loop": ("plain loop (LocalGrid, one client at a time)",
-                 lambda out: run_loop(cfg, args.nodes, out, args.timeout)),
-        "flower-serial": ("flwr run, Ray with 1 CPU (one client at a time)",
-                          lambda out: run_flower(cfg, args.nodes, args.cpus_per_client, out, args.timeout, ray_cpus=1)),
-        "flower": (f"flwr run, Ray with all {os.cpu_count()} CPUs ({args.cpus_per_client} per client)",
-                   lambda out: run_flower(cfg, args.nodes, args.cpus_per_client, out, args.timeout)),
+        "loop": (
+            "plain loop (LocalGrid, one client at a time)",
+            lambda out: run_loop(cfg, args.nodes, out, args.timeout),
+        ),
+        "flower-serial": (
+            "flwr run, Ray with 1 CPU (one client at a time)",
+            lambda out: run_flower(cfg, args.nodes, args.cpus_per_client, out, args.timeout, ray_cpus=1),
+        ),
+        "flower": (
+            f"flwr run, Ray with all {os.cpu_count()} CPUs ({args.cpus_per_client} per client)",
+            lambda out: run_flower(cfg, args.nodes, args.cpus_per_client, out, args.timeout),
+        ),
     }
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
@@ -174,22 +197,33 @@ def main(argv=None) -> int:
                 res = sides[side][1](out_dir)
                 res.update(repeat=rep, **{"load-before": round(load, 2), "load-after": round(os.getloadavg()[0], 2)})
                 runs[side].append(res)
-                print(f"  {side:<13} rep {rep}: wall {res['wall-s']:.1f} s, rounds {sum(res['round-s']):.1f} s "
-                      f"({', '.join(f'{s:.1f}' for s in res['round-s'])}), load {load:.1f}", flush=True)
-    picks = {"wall": lambda r: r["wall-s"], "rounds": lambda r: sum(r["round-s"]),
-             # round 1 includes Ray starting its worker processes; later rounds are steady state
-             "later-rounds": lambda r: sum(r["round-s"][1:])}
+                print(
+                    f"  {side:<13} rep {rep}: wall {res['wall-s']:.1f} s, rounds {sum(res['round-s']):.1f} s "
+                    f"({', '.join(f'{s:.1f}' for s in res['round-s'])}), load {load:.1f}",
+                    flush=True,
+                )
+    picks = {
+        "wall": lambda r: r["wall-s"],
+        "rounds": lambda r: sum(r["round-s"]),
+        # round 1 includes Ray starting its worker processes; later rounds are steady state
+        "later-rounds": lambda r: sum(r["round-s"][1:]),
+    }
     rows, ratios = [], {}
     for side, (label, _) in sides.items():
         row = {"side": label, "key": side}
         for key, pick in picks.items():
             row[f"{key}-s"] = statistics.median(pick(r) for r in runs[side])
             row[f"{key}-ratio"] = statistics.median(
-                pick(a) / pick(b) if pick(b) > 0 else float("nan") for a, b in zip(runs[side], runs["loop"]))
+                pick(a) / pick(b) if pick(b) > 0 else float("nan") for a, b in zip(runs[side], runs["loop"])
+            )
         ratios[side] = {k: row[f"{k}-ratio"] for k in picks}
         rows.append(row)
     print(f"\n{args.nodes} nodes, {args.rounds} rounds, fraction-train {validate(cfg)['fraction-train']}:")
-    print(table(rows, ["side", "wall-s", "wall-ratio", "rounds-s", "rounds-ratio", "later-rounds-s", "later-rounds-ratio"]))
+    print(
+        table(
+            rows, ["side", "wall-s", "wall-ratio", "rounds-s", "rounds-ratio", "later-rounds-s", "later-rounds-ratio"]
+        )
+    )
     print("(ratio: the side's time / the plain loop's, same repeat)")
     report["runs"] = runs
     report["rows"] = rows

@@ -19,7 +19,8 @@ all alike; speed ratios are taken within a repeat, then the median.
     python bench/speed.py                         # ViT-micro 28x28 and ViT-Tiny 32x32/patch 4, CPU; ~4 min on 2 cores
     python bench/speed.py --large --device cuda   # ViT-B/16 at 224x224 on a GPU
     python bench/speed.py --variants plain,bf16,compile --depths 12   # the speed-ups tried
-    python bench/speed.py --variants plain,grad-stop --depths 12 --models vit_micro_patch7_28@28/7 --threads 1 --out bench/results/speed_gradstop.json
+    python bench/speed.py --variants plain,grad-stop --depths 12 --models vit_micro_patch7_28@28/7 --threads 1 \
+        --out bench/results/speed_gradstop.json
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def parse_models(spec: str) -> list[dict]:
 
 # -- worker: one configuration in its own process ---------------------------
 
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -85,8 +87,9 @@ def worker(job: dict) -> dict:
 
         model = timm.create_model(job["model"], pretrained=False, num_classes=job["classes"], **size)
     else:
-        model = AnytimeViT(load_backbone(job["model"], img_size=job["img"] or None, patch_size=job["patch"] or None),
-                           job["classes"])
+        model = AnytimeViT(
+            load_backbone(job["model"], img_size=job["img"] or None, patch_size=job["patch"] or None), job["classes"]
+        )
     model.to(device)
     if job["variant"] == "channels-last":
         model.to(memory_format=torch.channels_last)
@@ -128,8 +131,13 @@ def worker(job: dict) -> dict:
     bf16 = job["variant"] == "bf16"
     # ours: the run config's `autocast = "bf16"` as the client applies it
     # grad-stop: the run config's `grad-through-blocks = false`
-    settings = TrainSettings(epochs=1, lr=job["lr"], weight_decay=1e-4, autocast="bf16" if bf16 else "none",
-                             block_grad=job["variant"] != "grad-stop")
+    settings = TrainSettings(
+        epochs=1,
+        lr=job["lr"],
+        weight_decay=1e-4,
+        autocast="bf16" if bf16 else "none",
+        block_grad=job["variant"] != "grad-stop",
+    )
     rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -148,13 +156,15 @@ def worker(job: dict) -> dict:
     else:
         # The client's own training loop; a compiled wrapper forwards
         # trainable_named_parameters / train to the module it wraps.
-        train_local(net if job["variant"] != "compile" else _Compiled(model, net), timed(loader), job["depth"], settings)
+        train_local(
+            net if job["variant"] != "compile" else _Compiled(model, net), timed(loader), job["depth"], settings
+        )
     if cuda:
         torch.cuda.synchronize()
     t_end, cpu_end = time.perf_counter(), time.process_time()
     # The median step: a step that another process on the machine stalled
     # does not drag the figure down the way a mean would.
-    steps = [b - a for a, b in zip(stamps, stamps[1:] + [t_end])][job["warmup"]:]
+    steps = [b - a for a, b in zip(stamps, stamps[1:] + [t_end])][job["warmup"] :]
     cpu = cpu_end - cpu_stamps[job["warmup"]]
     out = {
         "examples-per-s": job["batch"] / statistics.median(steps),
@@ -203,6 +213,7 @@ class _Compiled:
 
 # -- parent: interleave configurations over repeats -------------------------
 
+
 def run_job(job: dict, timeout: float) -> dict:
     """One configuration in a fresh process; a failure or timeout is recorded, not raised."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
@@ -245,10 +256,12 @@ def summarize(m: dict, jobs: list[dict], runs: dict) -> list[dict]:
         row["trainable-params"] = rs[0]["trainable-params"]
         full = find(method="full", variant="plain", threads=job["threads"])
         plain = find(method=job["method"], depth=job["depth"], variant="plain", threads=job["threads"])
-        for name, value in (("speed-vs-full", paired_ratio(runs, i, full, "examples-per-s")),
-                            ("cpu-speed-vs-full", paired_ratio(runs, i, full, "examples-per-cpu-s")),
-                            ("memory-vs-full", paired_ratio(runs, i, full, "peak-train-mb")),
-                            ("speed-vs-plain", paired_ratio(runs, i, plain, "examples-per-s") if job["variant"] != "plain" else None)):
+        for name, value in (
+            ("speed-vs-full", paired_ratio(runs, i, full, "examples-per-s")),
+            ("cpu-speed-vs-full", paired_ratio(runs, i, full, "examples-per-cpu-s")),
+            ("memory-vs-full", paired_ratio(runs, i, full, "peak-train-mb")),
+            ("speed-vs-plain", paired_ratio(runs, i, plain, "examples-per-s") if job["variant"] != "plain" else None),
+        ):
             if value is not None:
                 row[name] = value
         rows.append(row)
@@ -262,15 +275,20 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="3,6,9,12", help="depths of our adapters to time")
     ap.add_argument("--no-full", action="store_true", help="leave out full fine-tuning")
     ap.add_argument("--variants", default="plain", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--batch", type=int, default=0, help="batch size of every configuration (0 = the run config's batch-size)")
+    ap.add_argument(
+        "--batch", type=int, default=0, help="batch size of every configuration (0 = the run config's batch-size)"
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every configuration")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--threads", default="1,2",
-                    help="torch thread counts to time, comma-separated (1 = a client of the default simulation, "
-                         "client-threads=1; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        default="1,2",
+        help="torch thread counts to time, comma-separated (1 = a client of the default simulation, "
+        "client-threads=1; 0 = torch's default)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
     ap.add_argument("--out", default="")
@@ -292,18 +310,31 @@ def main(argv=None) -> int:
     models = parse_models(LARGE_MODELS if args.large else args.models)
     depths = [int(d) for d in args.depths.split(",") if d]
     report = Report("speed", args)
-    common = {"batch": args.batch, "steps": args.steps, "warmup": args.warmup, "classes": args.classes,
-              "lr": args.lr, "device": args.device}
+    common = {
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "classes": args.classes,
+        "lr": args.lr,
+        "device": args.device,
+    }
     rows = []
     for m in models:
         jobs = []
         for t in threads:
-            jobs += [{**common, **m, "threads": t, "method": "ours", "depth": d, "variant": v} for v in variants for d in depths]
+            jobs += [
+                {**common, **m, "threads": t, "method": "ours", "depth": d, "variant": v}
+                for v in variants
+                for d in depths
+            ]
             if not args.no_full:
                 # caching the frozen prefix and stopping gradients at the frozen
                 # blocks are ours only: full fine-tuning trains every block
-                jobs += [{**common, **m, "threads": t, "method": "full", "depth": 0, "variant": v}
-                         for v in variants if v not in ("cache-prefix", "grad-stop")]
+                jobs += [
+                    {**common, **m, "threads": t, "method": "full", "depth": 0, "variant": v}
+                    for v in variants
+                    if v not in ("cache-prefix", "grad-stop")
+                ]
         runs: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
         for rep in range(args.repeats):
             order = list(range(len(jobs)))
@@ -315,12 +346,26 @@ def main(argv=None) -> int:
                 if "error" in res:
                     print(f"{head} FAILED: {res['error']}", flush=True)
                 else:
-                    print(f"{head} {res['examples-per-s']:7.1f} ex/s, {res['examples-per-cpu-s']:7.1f} ex/cpu-s, "
-                          f"+{res['peak-train-mb']:.0f} MB, load {res['load']:.1f}", flush=True)
+                    print(
+                        f"{head} {res['examples-per-s']:7.1f} ex/s, {res['examples-per-cpu-s']:7.1f} ex/cpu-s, "
+                        f"+{res['peak-train-mb']:.0f} MB, load {res['load']:.1f}",
+                        flush=True,
+                    )
         part = summarize(m, jobs, runs)
         rows += part
-        cols = ["threads", "config", "trainable-params", "examples-per-s", "speed-vs-full", "cpu-speed-vs-full",
-                "speed-vs-plain", "peak-train-mb", "memory-vs-full", "first-steps-s", "error"]
+        cols = [
+            "threads",
+            "config",
+            "trainable-params",
+            "examples-per-s",
+            "speed-vs-full",
+            "cpu-speed-vs-full",
+            "speed-vs-plain",
+            "peak-train-mb",
+            "memory-vs-full",
+            "first-steps-s",
+            "error",
+        ]
         cols = [c for c in cols if any(c in r for r in part)]
         print(f"\n{m['model']} at {m['img']}x{m['img']}, patch {m['patch']}, batch {args.batch}, {args.device}:")
         print(table(part, cols), flush=True)

@@ -15,8 +15,8 @@ from core.config import parse_attackers, validate
 from core.records import to_numpy, to_record
 from runtime.models import model_and_spec
 
-from .tiers import client_depth, node_cache_dir, node_run_config, partition_of
 from .personalize import personalize
+from .tiers import client_depth, node_cache_dir, node_run_config, partition_of
 
 app = ClientApp()
 
@@ -110,7 +110,9 @@ def evaluate_exits(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config", {})
     if config.get("personalize", False):
         # Fine-tunes locally and replies metrics only: personal weights stay here.
-        metrics = personalize(model, depth, train_ds, val_ds, cfg, seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1))
+        metrics = personalize(
+            model, depth, train_ds, val_ds, cfg, seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1)
+        )
         metrics["partition-id"] = pid
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics: dict = {"num-examples": len(val_ds), "depth": depth}

@@ -15,7 +15,7 @@ def partition_of(node_config: dict[str, Any]) -> tuple[int, int]:
     except KeyError as err:
         raise ConfigError(
             f"node-config {err.args[0]}",
-            "missing: start the SuperNode with --node-config \"partition-id=<i> num-partitions=<n>\"",
+            'missing: start the SuperNode with --node-config "partition-id=<i> num-partitions=<n>"',
         ) from err
     if not 0 <= pid < n:
         raise ConfigError("node-config partition-id", f"must be in 0..{n - 1}, got {pid}")
@@ -65,7 +65,9 @@ def node_run_config(cfg: dict[str, Any], node_config: dict[str, Any]) -> dict[st
         return cfg
     value = node_config["data-dir"]
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError("node-config data-dir", f"must be a folder path in quotes, e.g. data-dir='/srv/data'; got {value!r}")
+        raise ConfigError(
+            "node-config data-dir", f"must be a folder path in quotes, e.g. data-dir='/srv/data'; got {value!r}"
+        )
     folder = Path(value).expanduser()
     if not folder.is_dir():
         raise ConfigError("node-config data-dir", f"no folder at {folder} on this node")
@@ -86,5 +88,8 @@ def node_cache_dir(node_config: dict[str, Any]) -> Path | None:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         return Path(base).expanduser() / "anytime-fl"
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError("node-config cache-dir", f"must be a folder path in quotes or 'off', e.g. cache-dir='/var/cache/anytime-fl'; got {value!r}")
+        raise ConfigError(
+            "node-config cache-dir",
+            f"must be a folder path in quotes or 'off', e.g. cache-dir='/var/cache/anytime-fl'; got {value!r}",
+        )
     return None if value == CACHE_OFF else Path(value).expanduser()

@@ -52,7 +52,7 @@ def topk_select(acc: np.ndarray, fraction: float) -> np.ndarray:
     """Sorted flat indices of the ceil(fraction * size) largest |entries|."""
     flat = acc.ravel()
     k = min(flat.size, max(1, math.ceil(fraction * flat.size)))
-    idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]
+    idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
     idx.sort()
     return idx
 
@@ -87,7 +87,7 @@ def topk_encode(
     sent = _scatter(flat_idx, values, int(offsets[-1]))
     new_residual = {}
     for n, start in zip(names, offsets[:-1]):
-        new_residual[n] = acc[n] - sent[start:start + acc[n].size].reshape(acc[n].shape)
+        new_residual[n] = acc[n] - sent[start : start + acc[n].size].reshape(acc[n].shape)
     return payload, new_residual
 
 
@@ -113,7 +113,9 @@ def _decode_positions(payload: dict[str, np.ndarray], total: int, count: int) ->
     if MASK in payload:
         mask = np.asarray(payload[MASK])
         if mask.dtype != np.uint8 or mask.ndim != 1 or mask.size != (total + 7) // 8:
-            raise CodecError(f"mask of {mask.size} {mask.dtype} bytes does not fit the {total} entries the sender's depth implies")
+            raise CodecError(
+                f"mask of {mask.size} {mask.dtype} bytes does not fit the {total} entries the sender's depth implies"
+            )
         bits = np.unpackbits(mask)
         if bits[total:].any():
             raise CodecError("mask has bits set past the last entry")

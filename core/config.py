@@ -135,23 +135,79 @@ def _tier_assignment(v):
 
 KEYS: tuple[Key, ...] = (
     # federation rounds, sampling, waiting, evaluation, outputs
-    *_section("run",
+    *_section(
+        "run",
         Key("num-server-rounds", 25, "Federated rounds to run.", _positive),
         Key("fraction-train", 1.0, "Fraction of connected nodes sampled for training each round.", _open_fraction),
-        Key("fraction-evaluate", 0.5, "Fraction of nodes sampled for federated evaluation on their validation split (0 turns it off).", _fraction),
-        Key("min-nodes", 2, "Minimum nodes to sample for training/evaluation and to wait for before a round starts.", _positive),
-        Key("min-nodes-timeout", 600, "Seconds the server waits before round 1 for `min-nodes` nodes to connect; then it stops, saying how many came.", _positive),
-        Key("round-timeout", 3600, "Seconds the server waits for replies in a round; late nodes are left out of it.", _positive),
-        Key("superlink-patience", 300, "Seconds the server retries a failing SuperLink (push or pull, with growing waits) before it stops the run, which then resumes from its last checkpoint with resume=true.", _positive),
+        Key(
+            "fraction-evaluate",
+            0.5,
+            "Fraction of nodes sampled for federated evaluation on their validation split (0 turns it off).",
+            _fraction,
+        ),
+        Key(
+            "min-nodes",
+            2,
+            "Minimum nodes to sample for training/evaluation and to wait for before a round starts.",
+            _positive,
+        ),
+        Key(
+            "min-nodes-timeout",
+            600,
+            "Seconds the server waits before round 1 for `min-nodes` nodes to connect; then it stops, saying "
+            "how many came.",
+            _positive,
+        ),
+        Key(
+            "round-timeout",
+            3600,
+            "Seconds the server waits for replies in a round; late nodes are left out of it.",
+            _positive,
+        ),
+        Key(
+            "superlink-patience",
+            300,
+            "Seconds the server retries a failing SuperLink (push or pull, with growing waits) before it stops "
+            "the run, which then resumes from its last checkpoint with resume=true.",
+            _positive,
+        ),
     ),
     # server aggregation
-    *_section("strategy",
-        Key("strategy", "fedavg", "Server aggregation strategy: a built-in name (fedavg, fedavgm, fedadam, fedyogi, fedprox, median, trimmed-mean), `flwr:<Class>` for any Flower Message-API strategy (e.g. flwr:Krum), or `package.module:Class` (see docs/strategies.md)."),
-        Key("strategy-args", "", "Keyword arguments of a Flower or user strategy class: space-separated name=value, values as Python literals, e.g. 'num_malicious_nodes=1 num_nodes_to_select=3'."),
-        Key("strategy-inner", "flwr:FedAvg", "The strategy a wrapper strategy (the DP wrappers) wraps: flwr:<Class> or package.module:Class."),
+    *_section(
+        "strategy",
+        Key(
+            "strategy",
+            "fedavg",
+            "Server aggregation strategy: a built-in name (fedavg, fedavgm, fedadam, fedyogi, fedprox, median, "
+            "trimmed-mean), `flwr:<Class>` for any Flower Message-API strategy (e.g. flwr:Krum), or "
+            "`package.module:Class` (see docs/strategies.md).",
+        ),
+        Key(
+            "strategy-args",
+            "",
+            "Keyword arguments of a Flower or user strategy class: space-separated name=value, values as Python"
+            " literals, e.g. 'num_malicious_nodes=1 num_nodes_to_select=3'.",
+        ),
+        Key(
+            "strategy-inner",
+            "flwr:FedAvg",
+            "The strategy a wrapper strategy (the DP wrappers) wraps: flwr:<Class> or package.module:Class.",
+        ),
         Key("strategy-inner-args", "", "Keyword arguments of strategy-inner, as strategy-args."),
-        Key("strategy-groups", "tier", "How a Flower/user strategy sees the blocks: one instance per tier band of blocks ('tier') or per block ('block'; fits nodes whose max-depth is not a tier depth).", choices=("tier", "block")),
-        Key("server-lr", 0.0, "Server learning rate on the aggregated update (0 = the strategy's own: 1 for the averaging strategies, 0.01 for fedadam/fedyogi).", _non_negative),
+        Key(
+            "strategy-groups",
+            "tier",
+            "How a Flower/user strategy sees the blocks: one instance per tier band of blocks ('tier') or per "
+            "block ('block'; fits nodes whose max-depth is not a tier depth).",
+            choices=("tier", "block"),
+        ),
+        Key(
+            "server-lr",
+            0.0,
+            "Server learning rate on the aggregated update (0 = the strategy's own: 1 for the averaging "
+            "strategies, 0.01 for fedadam/fedyogi).",
+            _non_negative,
+        ),
         Key("server-momentum", 0.9, "Server momentum of fedavgm.", _decay),
         Key("beta1", 0.9, "First-moment decay of fedadam/fedyogi.", _decay),
         Key("beta2", 0.99, "Second-moment decay of fedadam/fedyogi.", _decay),
@@ -160,36 +216,131 @@ KEYS: tuple[Key, ...] = (
         Key("trim-fraction", 0.2, "Share of the senders trimmed-mean drops at each end, per coordinate.", _trim),
     ),
     # local training and personalisation on the clients
-    *_section("training",
-        Key("local-epochs", 3, "Local epochs per round on each client.", _positive, setting='epochs'),
+    *_section(
+        "training",
+        Key("local-epochs", 3, "Local epochs per round on each client.", _positive, setting="epochs"),
         Key("batch-size", 16, "Local training batch size.", _positive),
-        Key("lr", 3e-3, "Learning rate of the adapters and exit heads (the first round's, under a schedule).", _positive, setting='lr'),
-        Key("optimizer", "adamw", "Local optimiser, made fresh each round: 'adamw' or 'sgd' (momentum 0.9).", choices=("adamw", "sgd"), setting='optimizer'),
-        Key("lr-schedule", "constant", "Learning rate over the rounds: 'constant' or 'cosine' (decays to 0.05 lr at the last round).", choices=("constant", "cosine")),
-        Key("weight-decay", 1e-4, "Weight decay of the local optimiser.", _non_negative, setting='weight_decay'),
-        Key("logit-adjust", 0.0, "Label-skew correction in local training: each exit's logits get + tau * log(client's label frequencies) in the loss (1 = balanced softmax; 0 = off; see docs/benchmarks.md). Never at inference.", _non_negative, setting='logit_adjust'),
-        Key("grad-through-blocks", True, "Local training backpropagates through the frozen blocks (true), or each exit's gradient stops at them (false: blocks run without a graph, faster; adapters still modulate the forward pass; see docs/benchmarks.md).", setting='block_grad'),
-        Key("exit-loss", "sum", "How the cross-entropy of a client's exits is combined.", choices=("sum", "mean"), setting='exit_loss'),
-        Key("distill-weight", 0.0, "Weight of self-distillation from the deepest exit a client runs (0 = off).", _non_negative, setting='distill_weight'),
-        Key("device", "auto", "Where clients train and the server evaluates: 'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.", _device, shapes=('model',)),
-        Key("autocast", "none", "Mixed precision of local training: 'none' (float32) or 'bf16' (bfloat16 autocast: faster only where the hardware has fast bf16, see bench/README.md).", choices=("none", "bf16"), setting='autocast'),
+        Key(
+            "lr",
+            3e-3,
+            "Learning rate of the adapters and exit heads (the first round's, under a schedule).",
+            _positive,
+            setting="lr",
+        ),
+        Key(
+            "optimizer",
+            "adamw",
+            "Local optimiser, made fresh each round: 'adamw' or 'sgd' (momentum 0.9).",
+            choices=("adamw", "sgd"),
+            setting="optimizer",
+        ),
+        Key(
+            "lr-schedule",
+            "constant",
+            "Learning rate over the rounds: 'constant' or 'cosine' (decays to 0.05 lr at the last round).",
+            choices=("constant", "cosine"),
+        ),
+        Key("weight-decay", 1e-4, "Weight decay of the local optimiser.", _non_negative, setting="weight_decay"),
+        Key(
+            "logit-adjust",
+            0.0,
+            "Label-skew correction in local training: each exit's logits get + tau * log(client's label "
+            "frequencies) in the loss (1 = balanced softmax; 0 = off; see docs/benchmarks.md). Never at "
+            "inference.",
+            _non_negative,
+            setting="logit_adjust",
+        ),
+        Key(
+            "grad-through-blocks",
+            True,
+            "Local training backpropagates through the frozen blocks (true), or each exit's gradient stops at "
+            "them (false: blocks run without a graph, faster; adapters still modulate the forward pass; see "
+            "docs/benchmarks.md).",
+            setting="block_grad",
+        ),
+        Key(
+            "exit-loss",
+            "sum",
+            "How the cross-entropy of a client's exits is combined.",
+            choices=("sum", "mean"),
+            setting="exit_loss",
+        ),
+        Key(
+            "distill-weight",
+            0.0,
+            "Weight of self-distillation from the deepest exit a client runs (0 = off).",
+            _non_negative,
+            setting="distill_weight",
+        ),
+        Key(
+            "device",
+            "auto",
+            "Where clients train and the server evaluates: 'auto' (a CUDA GPU when torch sees one, else the "
+            "CPU), 'cpu', 'cuda' or 'cuda:N'.",
+            _device,
+            shapes=("model",),
+        ),
+        Key(
+            "autocast",
+            "none",
+            "Mixed precision of local training: 'none' (float32) or 'bf16' (bfloat16 autocast: faster only "
+            "where the hardware has fast bf16, see bench/README.md).",
+            choices=("none", "bf16"),
+            setting="autocast",
+        ),
         Key("client-threads", 1, "torch threads per client process.", _positive),
-        Key("personalize-epochs", 1, "Local epochs each client fine-tunes the final global adapters for, reporting validation accuracy per exit before/after (0 = no personalisation round).", _non_negative),
+        Key(
+            "personalize-epochs",
+            1,
+            "Local epochs each client fine-tunes the final global adapters for, reporting validation accuracy "
+            "per exit before/after (0 = no personalisation round).",
+            _non_negative,
+        ),
         Key("personalize-lr", 1e-3, "AdamW learning rate of personalisation fine-tuning.", _positive),
     ),
     # depth budgets and what a client sends
-    *_section("devices",
+    *_section(
+        "devices",
         Key("tiers", "3,6,9,12", "Depth budgets (blocks a device runs), one per tier.", _int_list),
-        Key("tier-assignment", "even", "How partitions are spread over tiers: 'even' (partition-id modulo tiers) or fractions per tier. A node's own `max-depth` node config wins.", _tier_assignment),
-        Key("tier-names", "", "Names of the tiers, comma-separated, one per tier, for logs and results (e.g. 'phone,tablet,laptop,server'); '' = named by depth."),
-        Key("attack-partitions", "", "Benchmark/testing aid: comma-separated partition ids whose clients send N(0, attack-noise-std^2) noise instead of their update ('' = none).", _id_list),
+        Key(
+            "tier-assignment",
+            "even",
+            "How partitions are spread over tiers: 'even' (partition-id modulo tiers) or fractions per tier. A "
+            "node's own `max-depth` node config wins.",
+            _tier_assignment,
+        ),
+        Key(
+            "tier-names",
+            "",
+            "Names of the tiers, comma-separated, one per tier, for logs and results (e.g. "
+            "'phone,tablet,laptop,server'); '' = named by depth.",
+        ),
+        Key(
+            "attack-partitions",
+            "",
+            "Benchmark/testing aid: comma-separated partition ids whose clients send N(0, attack-noise-std^2) "
+            "noise instead of their update ('' = none).",
+            _id_list,
+        ),
         Key("attack-noise-std", 10.0, "Standard deviation of the noise attacking clients send.", _non_negative),
-        Key("topk-fraction", 1.0, "Fraction of update entries a client sends (top-k by magnitude with error feedback); 1 sends the dense delta.", _open_fraction),
+        Key(
+            "topk-fraction",
+            1.0,
+            "Fraction of update entries a client sends (top-k by magnitude with error feedback); 1 sends the "
+            "dense delta.",
+            _open_fraction,
+        ),
     ),
     # the backbone and its adapters
-    *_section("model",
+    *_section(
+        "model",
         Key("backbone", "vit_micro_patch7_28", "timm ViT/DeiT model name."),
-        Key("backbone-weights", "shipped", "Local weights file (.safetensors/.pth); 'shipped' = the Fashion-MNIST weights in anytime_assets/; '' = none."),
+        Key(
+            "backbone-weights",
+            "shipped",
+            "Local weights file (.safetensors/.pth); 'shipped' = the Fashion-MNIST weights in anytime_assets/; "
+            "'' = none.",
+        ),
         Key("pretrained", False, "Fetch timm's hub weights (needs a network; ignored when backbone-weights is set)."),
         Key("img-size", 0, "Backbone input size in pixels (0 = the backbone's own).", _non_negative),
         Key("patch-size", 0, "Patch size in pixels (0 = the backbone's own).", _non_negative),
@@ -199,20 +350,57 @@ KEYS: tuple[Key, ...] = (
         Key("shared-adapter", False, "One adapter shared by all blocks instead of one per block."),
     ),
     # the task, its source and its split
-    *_section("data",
-        Key("task", "digits", "Federated task: digits, cifar100, femnist or speechcommands (see docs/tasks.md).", shapes=('model',)),
-        Key("data-dir", "", "Local dataset folder for tasks loaded offline ('' = the task's default source: the hub for cifar100/femnist/speechcommands)."),
-        Key("dirichlet-alpha", 0.5, "Dirichlet concentration of the label-skewed split (smaller = more heterogeneous).", _positive),
-        Key("hub-dataset", "", "Hugging Face dataset ('name' or 'name:config') a task loads when data-dir is '' ('' = the task's own: uoft-cs/cifar100, flwrlabs/femnist, google/speech_commands:v0.02)."),
-        Key("speech-classes", 12, "Speech Commands classes: 12 (10 words + silence + unknown) or 35 (all words).", _speech_classes),
-        Key("val-fraction", 0.2, "Share of each client's partition held out for validation (below 1: every client keeps at least one training example).", _val_fraction),
-        Key("seed", 42, "Seed of partitioning, splits and initialisation.", shapes=('model',)),
+    *_section(
+        "data",
+        Key(
+            "task",
+            "digits",
+            "Federated task: digits, cifar100, femnist or speechcommands (see docs/tasks.md).",
+            shapes=("model",),
+        ),
+        Key(
+            "data-dir",
+            "",
+            "Local dataset folder for tasks loaded offline ('' = the task's default source: the hub for "
+            "cifar100/femnist/speechcommands).",
+        ),
+        Key(
+            "dirichlet-alpha",
+            0.5,
+            "Dirichlet concentration of the label-skewed split (smaller = more heterogeneous).",
+            _positive,
+        ),
+        Key(
+            "hub-dataset",
+            "",
+            "Hugging Face dataset ('name' or 'name:config') a task loads when data-dir is '' ('' = the task's "
+            "own: uoft-cs/cifar100, flwrlabs/femnist, google/speech_commands:v0.02).",
+        ),
+        Key(
+            "speech-classes",
+            12,
+            "Speech Commands classes: 12 (10 words + silence + unknown) or 35 (all words).",
+            _speech_classes,
+        ),
+        Key(
+            "val-fraction",
+            0.2,
+            "Share of each client's partition held out for validation (below 1: every client keeps at least one"
+            " training example).",
+            _val_fraction,
+        ),
+        Key("seed", 42, "Seed of partitioning, splits and initialisation.", shapes=("model",)),
     ),
     # outputs
-    *_section("run",
+    *_section(
+        "run",
         Key("eval-batch-size", 256, "Batch size of evaluation.", _positive),
         Key("output-dir", "outputs", "Folder under which each run writes <run-name>/ (results, weights, checkpoints)."),
-        Key("run-name", "", "Name of the run folder ('' = a timestamp; with resume, the newest run that has a checkpoint)."),
+        Key(
+            "run-name",
+            "",
+            "Name of the run folder ('' = a timestamp; with resume, the newest run that has a checkpoint).",
+        ),
         Key("checkpoint-every", 1, "Save a server checkpoint every N rounds (and always after the last).", _positive),
         Key("resume", False, "Continue the run in output-dir/run-name from its last checkpoint."),
     ),
@@ -299,8 +487,10 @@ def _check_together(cfg: dict[str, Any]) -> None:
     if cfg["tier-assignment"] != "even":
         fractions = str(cfg["tier-assignment"]).split(",")
         if len(fractions) != len(tiers):
-            raise ConfigError("tier-assignment", f"has {len(fractions)} fractions for {len(tiers)} tiers "
-                                                 f"(tiers={cfg['tiers']!r}): give one per tier")
+            raise ConfigError(
+                "tier-assignment",
+                f"has {len(fractions)} fractions for {len(tiers)} tiers (tiers={cfg['tiers']!r}): give one per tier",
+            )
     parse_tier_names(cfg)
 
 
@@ -337,7 +527,13 @@ def markdown_table() -> str:
     """The README's run-config table, generated from KEYS."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for k in KEYS:
-        default = f'"{k.default}"' if isinstance(k.default, str) else str(k.default).lower() if isinstance(k.default, bool) else k.default
+        default = (
+            f'"{k.default}"'
+            if isinstance(k.default, str)
+            else str(k.default).lower()
+            if isinstance(k.default, bool)
+            else k.default
+        )
         doc = k.doc + (f" One of: {', '.join(k.choices)}." if k.choices else "")
         rows.append(f"| `{k.name}` | `{default}` | {doc} |")
     return "\n".join(rows)

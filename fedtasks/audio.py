@@ -68,8 +68,16 @@ def _mel_transform():
     if _mel is None:
         torchaudio = import_torchaudio()
         _mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=WIN_LENGTH, hop_length=HOP_LENGTH,
-            f_min=F_MIN, f_max=F_MAX, n_mels=N_MELS, power=2.0, norm=None, mel_scale="htk",
+            sample_rate=SAMPLE_RATE,
+            n_fft=N_FFT,
+            win_length=WIN_LENGTH,
+            hop_length=HOP_LENGTH,
+            f_min=F_MIN,
+            f_max=F_MAX,
+            n_mels=N_MELS,
+            power=2.0,
+            norm=None,
+            mel_scale="htk",
         )
     return _mel
 

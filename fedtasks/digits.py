@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset
 
-from .base import split_indices
-from .base import Task
+from .base import Task, split_indices
 
 TEST_FRACTION = 0.2
 _SPLIT_SEED = 0  # fixed: the centralised test set is the same for every run

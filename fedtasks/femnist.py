@@ -44,7 +44,9 @@ class FemnistTask(SourcedTask):
         out = {}
         for split, ds in raw.items():
             where = f"FEMNIST {split} split"
-            ds = rename_columns(ds, {"image": ("image",), "label": ("character", "label"), "writer_id": ("writer_id",)}, where)
+            ds = rename_columns(
+                ds, {"image": ("image",), "label": ("character", "label"), "writer_id": ("writer_id",)}, where
+            )
             if ds.features["writer_id"] != Value("string"):
                 ds = ds.cast_column("writer_id", Value("string"))
             out[split] = with_labels(ds, label_indices(ds, CLASSES, where))

@@ -44,7 +44,9 @@ def _has_images(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file())
 
 
-def load_local(data_dir: str, splits: tuple[str, ...], layouts: str, required: tuple[str, ...] = ("train",)) -> DatasetDict:
+def load_local(
+    data_dir: str, splits: tuple[str, ...], layouts: str, required: tuple[str, ...] = ("train",)
+) -> DatasetDict:
     """The splits found under `data_dir` (those in `required` must be there).
 
     `layouts` says in words what the task expects; every error repeats it
@@ -56,7 +58,9 @@ def load_local(data_dir: str, splits: tuple[str, ...], layouts: str, required: t
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise DataError(f"data-dir {root}: could not read the dataset ({type(err).__name__}: {err}); expected {layouts}") from None
+        raise DataError(
+            f"data-dir {root}: could not read the dataset ({type(err).__name__}: {err}); expected {layouts}"
+        ) from None
     missing = [s for s in required if s not in found]
     if missing:
         raise DataError(f"data-dir {root}: no '{missing[0]}' split found; expected {layouts}")

@@ -94,8 +94,9 @@ def _write(folder: Path, images: np.ndarray, labels: np.ndarray, num_classes: in
             raise
 
 
-def partition_arrays(cfg: dict[str, Any], partition_id: int, num_partitions: int,
-                     cache_dir: Path) -> tuple[str, np.ndarray, np.ndarray, int]:
+def partition_arrays(
+    cfg: dict[str, Any], partition_id: int, num_partitions: int, cache_dir: Path
+) -> tuple[str, np.ndarray, np.ndarray, int]:
     """(key, images, labels, num_classes) of one partition; from `cache_dir` when it holds them."""
     key = partition_key(cfg, partition_id, num_partitions)
     if key not in _arrays:
@@ -110,8 +111,9 @@ def partition_arrays(cfg: dict[str, Any], partition_id: int, num_partitions: int
             try:
                 _write(folder, *found)
             except OSError as err:
-                log.warning("could not write the partition cache in %s (%s); each message reads the data again",
-                            folder, err)
+                log.warning(
+                    "could not write the partition cache in %s (%s); each message reads the data again", folder, err
+                )
         _arrays[key] = found
     return (key, *_arrays[key])
 

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
 
-from .base import DataError, column
+from .base import DataError, Task, column
 from .local import load_local
-from .base import Task
 
 # Per process: clients in one simulation worker serve many partitions, and
 # listing or opening the full data set (tens of thousands of files) once is enough.
@@ -59,7 +58,9 @@ class SourcedTask(Task):
         repo, config = self._hub_name(cfg)
         # No shuffle: partitions then depend on `seed` only, and the local
         # path hands the partitioner the data in file order too.
-        return FederatedDataset(dataset=repo, subset=config, partitioners=partitioners, preprocessor=self.prepare, shuffle=False)
+        return FederatedDataset(
+            dataset=repo, subset=config, partitioners=partitioners, preprocessor=self.prepare, shuffle=False
+        )
 
     def _hub_failed(self, cfg, err: Exception) -> DataError:
         repo, config = self._hub_name(cfg)
@@ -112,8 +113,7 @@ def rename_columns(ds: Dataset, wanted: dict[str, tuple[str, ...]], where: str) 
         found = [c for c in candidates if c in ds.column_names]
         if not found:
             raise DataError(
-                f"{where}: no {' or '.join(repr(c) for c in candidates)} column "
-                f"(columns: {', '.join(ds.column_names)})"
+                f"{where}: no {' or '.join(repr(c) for c in candidates)} column (columns: {', '.join(ds.column_names)})"
             )
         chosen[found[0]] = role
     ds = ds.select_columns(list(chosen))

@@ -86,7 +86,9 @@ class SpeechCommandsTask(SourcedTask):
         return OneIdPerPartition("speaker_id", num_partitions, cfg["seed"], what="speaker")
 
     def prepare(self, raw: DatasetDict) -> DatasetDict:
-        return DatasetDict({split: self._prepare_split(ds, f"Speech Commands {split} split") for split, ds in raw.items()})
+        return DatasetDict(
+            {split: self._prepare_split(ds, f"Speech Commands {split} split") for split, ds in raw.items()}
+        )
 
     def _prepare_split(self, ds: Dataset, where: str) -> Dataset:
         ds = rename_columns(ds, {"audio": ("audio",), "label": ("label",), "speaker_id": ("speaker_id",)}, where)
@@ -103,7 +105,11 @@ class SpeechCommandsTask(SourcedTask):
         labels = np.array([lut[w] for w in words.tolist()], dtype=np.int64)
         speakers = np.array(["" if s is None else str(s) for s in column(ds, "speaker_id").tolist()], dtype=object)
         speakers[silence] = NO_ID
-        base = ds.remove_columns(["label", "speaker_id"]).add_column("label", labels).add_column("speaker_id", speakers.tolist())
+        base = (
+            ds.remove_columns(["label", "speaker_id"])
+            .add_column("label", labels)
+            .add_column("speaker_id", speakers.tolist())
+        )
         spoken = base.select(np.flatnonzero(~silence))
         if len(classes) == 35 or not silence.any():
             return spoken
@@ -200,15 +206,16 @@ def read_wav_layout(data_dir: str) -> DatasetDict:
             rows[split].append(({"bytes": clip, "path": None}, HUB_NAMES.index(SILENCE), NO_ID))
     if not rows["train"]:
         raise DataError(f"data-dir {root}: no training clips found; expected {LAYOUTS}")
-    return DatasetDict({
-        split: Dataset.from_dict(
-            {"audio": [r[0] for r in items], "label": [r[1] for r in items], "speaker_id": [r[2] for r in items]},
-            features=RAW_FEATURES,
-        )
-        for split, items in rows.items()
-    })
+    return DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"audio": [r[0] for r in items], "label": [r[1] for r in items], "speaker_id": [r[2] for r in items]},
+                features=RAW_FEATURES,
+            )
+            for split, items in rows.items()
+        }
+    )
 
 
 def _read_list(path: Path) -> set[str]:
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
-

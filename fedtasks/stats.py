@@ -53,16 +53,21 @@ def table(doc: dict) -> str:
         counts = np.asarray(r["label-counts"])
         top = np.argsort(-counts, kind="stable")[:3]
         common = " ".join(f"{int(i)}:{int(counts[i])}" for i in top if counts[i])
-        lines.append([str(r["partition-id"]), str(r["examples"]), f"{r['classes']}/{doc['num-classes']}"]
-                     + ([str(r[id_col])] if id_col else []) + [common])
+        lines.append(
+            [str(r["partition-id"]), str(r["examples"]), f"{r['classes']}/{doc['num-classes']}"]
+            + ([str(r[id_col])] if id_col else [])
+            + [common]
+        )
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths[:-1]) + "  {}"
     s = doc["summary"]
     out = [f"{doc['task']}: {doc['num-partitions']} partitions, {s['examples']} training examples", fmt.format(*head)]
     out += [fmt.format(*line) for line in lines]
     e, c = s["examples-per-partition"], s["classes-per-partition"]
-    out.append(f"examples per partition min/median/max {e['min']}/{e['median']:g}/{e['max']}; "
-               f"classes per partition {c['min']}/{c['median']:g}/{c['max']} of {doc['num-classes']}")
+    out.append(
+        f"examples per partition min/median/max {e['min']}/{e['median']:g}/{e['max']}; "
+        f"classes per partition {c['min']}/{c['median']:g}/{c['max']} of {doc['num-classes']}"
+    )
     return "\n".join(out)
 
 

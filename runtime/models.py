@@ -34,8 +34,9 @@ def _num_classes(cfg: dict[str, Any]) -> int:
     return get_task(cfg).num_classes
 
 
-def model_and_spec(cfg: dict[str, Any], num_classes: int | None = None,
-                   cache_dir: Path | None = None) -> tuple[AnytimeViT, InputSpec]:
+def model_and_spec(
+    cfg: dict[str, Any], num_classes: int | None = None, cache_dir: Path | None = None
+) -> tuple[AnytimeViT, InputSpec]:
     """`num_classes` as the task says when None; `cache_dir`: the node's backbone cache."""
     num_classes = _num_classes(cfg) if num_classes is None else num_classes
     key = _key(cfg, num_classes)

@@ -84,8 +84,15 @@ def run(grid: Grid, user_cfg: dict) -> Path:
 
     evaluator = ServerEvaluator(model, test_set, cfg["eval-batch-size"])
     sizes = model_sizes(model, arrays)
-    log(INFO, "anytime-fl: %s, %d blocks, exits at every block, tiers %s; %d adapter/head parameters (%.1f%% of the model)",
-        cfg["backbone"], model.num_blocks, cfg["tiers"], sizes["adapter-params"], 100 * sizes["adapter-fraction"])
+    log(
+        INFO,
+        "anytime-fl: %s, %d blocks, exits at every block, tiers %s; %d adapter/head parameters (%.1f%% of the model)",
+        cfg["backbone"],
+        model.num_blocks,
+        cfg["tiers"],
+        sizes["adapter-params"],
+        100 * sizes["adapter-fraction"],
+    )
     log(INFO, "Writing results to %s", run_dir)
 
     num_rounds = cfg["num-server-rounds"]
@@ -93,7 +100,9 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     for server_round in range(start, num_rounds + 1):
         t0 = time.time()
         record = to_record(arrays)
-        replies = send(strategy.configure_train(server_round, record, ConfigRecord(), grid), f"round {server_round} train")
+        replies = send(
+            strategy.configure_train(server_round, record, ConfigRecord(), grid), f"round {server_round} train"
+        )
         replies = in_partition_order(replies)
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_record is not None:
@@ -101,8 +110,10 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         stats = dict(strategy.last_round)
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
-            eval_replies = send(strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
-                                f"round {server_round} evaluate")
+            eval_replies = send(
+                strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
+                f"round {server_round} evaluate",
+            )
             eval_metrics = strategy.aggregate_evaluate(server_round, list(eval_replies))
         server_eval = evaluator(arrays)
         row = round_row(server_round, time.time() - t0, server_eval, stats, train_metrics, eval_metrics, replies, sizes)
@@ -111,7 +122,9 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         results.append_row(run_dir, row)
         log(INFO, format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
-            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), {"run-dir": str(run_dir), "config": cfg})
+            checkpoint.save(
+                run_dir, server_round, arrays, strategy.state_dict(), {"run-dir": str(run_dir), "config": cfg}
+            )
 
     path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
     log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)
@@ -123,6 +136,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
 def in_partition_order(replies) -> list:
     """Replies sorted by partition: float sums then do not depend on arrival order, so a
     resumed run ends with the same weights as an uninterrupted one."""
+
     def key(msg):
         if not msg.has_error() and "metrics" in msg.content.metric_records:
             pid = msg.content.metric_records["metrics"].get("partition-id")
@@ -151,7 +165,13 @@ def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_met
         if msg.has_error():
             continue
         m = msg.content.metric_records["metrics"]
-        per_client.append({k: m[k] for k in ("partition-id", "depth", "num-examples", "bytes-up", "bytes-down", "dense-bytes") if k in m})
+        per_client.append(
+            {
+                k: m[k]
+                for k in ("partition-id", "depth", "num-examples", "bytes-up", "bytes-down", "dense-bytes")
+                if k in m
+            }
+        )
     depth_counts: dict[str, int] = {}
     for d in stats.get("depths", []):
         depth_counts[str(d)] = depth_counts.get(str(d), 0) + 1
@@ -177,6 +197,8 @@ def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_met
 def format_round(row: dict, num_rounds: int) -> str:
     accs = " ".join(f"{a:.2f}" for a in row["server"]["accuracy"])
     tiers = " ".join(f"d{d}:{n}" for d, n in row["clients-per-depth"].items())
-    return (f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
-            f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
-            f"down {row['bytes-down'] / 1e6:.2f} MB | {row['seconds']:.1f}s")
+    return (
+        f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
+        f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
+        f"down {row['bytes-down'] / 1e6:.2f} MB | {row['seconds']:.1f}s"
+    )

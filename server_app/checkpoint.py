@@ -31,22 +31,40 @@ def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
     """(JSON-able header, arrays) of the Python, NumPy and torch RNG states."""
     version, py_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    header = {"python-version": version, "python-gauss": gauss,
-              "numpy-kind": kind, "numpy-pos": int(pos), "numpy-has-gauss": int(has_gauss), "numpy-cached": float(cached)}
-    arrays = {"python": np.asarray(py_state, dtype=np.uint64), "numpy": np.asarray(keys, dtype=np.uint32),
-              "torch": torch.get_rng_state().numpy().copy()}
+    header = {
+        "python-version": version,
+        "python-gauss": gauss,
+        "numpy-kind": kind,
+        "numpy-pos": int(pos),
+        "numpy-has-gauss": int(has_gauss),
+        "numpy-cached": float(cached),
+    }
+    arrays = {
+        "python": np.asarray(py_state, dtype=np.uint64),
+        "numpy": np.asarray(keys, dtype=np.uint32),
+        "torch": torch.get_rng_state().numpy().copy(),
+    }
     return header, arrays
 
 
 def restore_rng(rng: dict) -> None:
     header, arrays = rng["header"], rng["arrays"]
     random.setstate((int(header["python-version"]), tuple(int(x) for x in arrays["python"]), header["python-gauss"]))
-    np.random.set_state((str(header["numpy-kind"]), np.asarray(arrays["numpy"], dtype=np.uint32), int(header["numpy-pos"]),
-                         int(header["numpy-has-gauss"]), float(header["numpy-cached"])))
+    np.random.set_state(
+        (
+            str(header["numpy-kind"]),
+            np.asarray(arrays["numpy"], dtype=np.uint32),
+            int(header["numpy-pos"]),
+            int(header["numpy-has-gauss"]),
+            float(header["numpy-cached"]),
+        )
+    )
     torch.set_rng_state(torch.from_numpy(np.asarray(arrays["torch"], dtype=np.uint8).copy()))
 
 
-def save(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], strategy_state: dict[str, np.ndarray], extra: dict) -> Path:
+def save(
+    run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], strategy_state: dict[str, np.ndarray], extra: dict
+) -> Path:
     path = Path(run_dir) / NAME
     tmp = path.with_suffix(".tmp.npz")
     header, rng_arrays = rng_state()
@@ -74,9 +92,11 @@ def load(run_dir: Path) -> dict | None:
                 raise CheckpointError(f"{path}: not an anytime-fl checkpoint (no 'meta' entry)")
             meta = json.loads(bytes(z["meta"]).decode())
             if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("round"), int):
-                raise CheckpointError(f"{path}: checkpoint format {meta.get('format', 1) if isinstance(meta, dict) else '?'} "
-                                      f"is not {FORMAT} (older files held a pickled RNG state and are not read); "
-                                      "start a new run")
+                raise CheckpointError(
+                    f"{path}: checkpoint format {meta.get('format', 1) if isinstance(meta, dict) else '?'} "
+                    f"is not {FORMAT} (older files held a pickled RNG state and are not read); "
+                    "start a new run"
+                )
             arrays = {k[2:]: z[k] for k in z.files if k.startswith("a/")}
             state = {k[2:]: z[k] for k in z.files if k.startswith("s/")}
             rng = {"header": meta["rng"], "arrays": {k[2:]: z[k] for k in z.files if k.startswith("r/")}}
@@ -84,8 +104,10 @@ def load(run_dir: Path) -> dict | None:
         raise
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as err:
         # allow_pickle=False turns an object array into a ValueError: nothing is unpickled.
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); "
-                              "it may be truncated: restore it or start a new run") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); "
+            "it may be truncated: restore it or start a new run"
+        ) from None
     if set(rng["arrays"]) != {"python", "numpy", "torch"}:
         raise CheckpointError(f"{path}: checkpoint lacks the RNG states (python, numpy, torch)")
     return {"round": meta["round"], "meta": meta, "arrays": arrays, "strategy": state, "rng": rng}

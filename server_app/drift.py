@@ -24,7 +24,12 @@ def compare(old: dict[str, Any], new: dict[str, Any], first_round: int) -> list[
     fixed = [k for k in FIXED if k in old and old[k] != new.get(k)]
     if fixed:
         shown = ", ".join(f"{k} {old[k]!r} -> {new.get(k)!r}" for k in fixed)
-        raise ConfigError(fixed[0], f"cannot resume with a different model or data split ({shown}); "
-                                    "set them back or start a new run-name")
-    return [{"round": first_round, "key": k, "before": old[k], "after": new[k]}
-            for k in sorted(new) if k in old and k not in IDENTITY and old[k] != new[k]]
+        raise ConfigError(
+            fixed[0],
+            f"cannot resume with a different model or data split ({shown}); set them back or start a new run-name",
+        )
+    return [
+        {"round": first_round, "key": k, "before": old[k], "after": new[k]}
+        for k in sorted(new)
+        if k in old and k not in IDENTITY and old[k] != new[k]
+    ]

@@ -25,5 +25,8 @@ class ServerEvaluator:
     def __call__(self, arrays) -> dict:
         set_state(self.model, arrays)
         res = evaluate(self.model, self.loader)
-        return {"accuracy": [round(a, 4) for a in res["accuracy"]], "loss": [round(x, 4) for x in res["loss"]],
-                "num-examples": res["num_examples"]}
+        return {
+            "accuracy": [round(a, 4) for a in res["accuracy"]],
+            "loss": [round(x, 4) for x in res["loss"]],
+            "num-examples": res["num_examples"],
+        }

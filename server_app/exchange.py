@@ -69,11 +69,18 @@ class _Retry:
                 if now - self.failing_since >= self.patience:
                     raise SuperLinkUnavailable(
                         f"{self.what} failed for {now - self.failing_since:.0f} s ({self.failures + 1} tries), "
-                        f"last error {type(err).__name__}: {str(err)[:200]}") from err
+                        f"last error {type(err).__name__}: {str(err)[:200]}"
+                    ) from err
                 wait = BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
                 self.failures += 1
-                log(WARNING, "%s failed (%s: %s); retrying in %.0f s", self.what, type(err).__name__,
-                    str(err)[:200], wait)
+                log(
+                    WARNING,
+                    "%s failed (%s: %s); retrying in %.0f s",
+                    self.what,
+                    type(err).__name__,
+                    str(err)[:200],
+                    wait,
+                )
                 _sleep(wait)
                 continue
             if self.failures:
@@ -94,7 +101,8 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
         return list(grid.send_and_receive(messages, timeout=timeout))
     nodes = [m.metadata.dst_node_id for m in messages]
     ids = _Retry(patience, f"{label}: pushing {len(messages)} messages to the SuperLink")(
-        lambda: list(grid.push_messages(messages)))
+        lambda: list(grid.push_messages(messages))
+    )
     pending = {mid: node for mid, node in zip(ids, nodes) if mid}
     if len(pending) < len(messages):
         log(WARNING, "%s: the SuperLink took %d of %d messages", label, len(pending), len(messages))
@@ -115,13 +123,27 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
             break
         now = _clock()
         if now - start >= timeout:
-            log(WARNING, "%s: %d/%d replies after the round timeout (%.0f s); going on without %s", label,
-                len(replies), total, timeout, ", ".join(_who(n) for n in sorted(pending.values())))
+            log(
+                WARNING,
+                "%s: %d/%d replies after the round timeout (%.0f s); going on without %s",
+                label,
+                len(replies),
+                total,
+                timeout,
+                ", ".join(_who(n) for n in sorted(pending.values())),
+            )
             break
         if now - last_note >= PROGRESS_EVERY_S:
             last_note = now
-            log(INFO, "%s: %d/%d replies after %.0f s, waiting for %s", label, len(replies), total, now - start,
-                ", ".join(_who(n) for n in sorted(pending.values())))
+            log(
+                INFO,
+                "%s: %d/%d replies after %.0f s, waiting for %s",
+                label,
+                len(replies),
+                total,
+                now - start,
+                ", ".join(_who(n) for n in sorted(pending.values())),
+            )
         _sleep(min(POLL_S, max(0.0, start + timeout - now)))
     return replies
 
@@ -134,8 +156,13 @@ class Exchange:
 
     def __call__(self, messages: Iterable[Message], label: str) -> list[Message]:
         try:
-            return exchange(self.grid, messages, timeout=self.cfg["round-timeout"], label=label,
-                            patience=self.cfg["superlink-patience"])
+            return exchange(
+                self.grid,
+                messages,
+                timeout=self.cfg["round-timeout"],
+                label=label,
+                patience=self.cfg["superlink-patience"],
+            )
         except SuperLinkUnavailable as err:
             raise SuperLinkUnavailable(f"{err}. {resume_hint(self.run_dir)}") from err
 
@@ -151,8 +178,10 @@ def resume_hint(run_dir: Path) -> str:
 
     with np.load(path, allow_pickle=False) as z:
         done = json.loads(bytes(z["meta"]).decode())["round"]
-    return (f"Rounds 1-{done} are checkpointed in {run_dir}; once the SuperLink is back, continue with: "
-            f"flwr run . <federation> --run-config \"resume=true output-dir='{run_dir.parent}' run-name='{run_dir.name}'\"")
+    return (
+        f"Rounds 1-{done} are checkpointed in {run_dir}; once the SuperLink is back, continue with: "
+        f"flwr run . <federation> --run-config \"resume=true output-dir='{run_dir.parent}' run-name='{run_dir.name}'\""
+    )
 
 
 def _note_reply(label: str, reply: Message, node: int, got: int, total: int, pending: dict) -> None:
@@ -181,6 +210,11 @@ def duplicate_partitions(replies: Iterable[Message]) -> dict[str, list[int]]:
 
 def warn_duplicates(label: str, duplicates: dict[str, list[int]]) -> None:
     for pid, nodes in duplicates.items():
-        log(WARNING, "%s: nodes %s all report partition-id %s: they train on the same data. Give every "
-            "SuperNode its own --node-config \"partition-id=<i> num-partitions=<n>\"", label,
-            ", ".join(map(str, nodes)), pid)
+        log(
+            WARNING,
+            "%s: nodes %s all report partition-id %s: they train on the same data. Give every "
+            'SuperNode its own --node-config "partition-id=<i> num-partitions=<n>"',
+            label,
+            ", ".join(map(str, nodes)),
+            pid,
+        )

@@ -34,10 +34,20 @@ def write_anytime(run_dir: Path, model: AnytimeViT, test_set, arrays: dict[str, 
     target = max(e["accuracy"] for e in report["exits"]) - 0.01
     good = [r for r in report["dynamic"] if r["accuracy"] >= target] or report["dynamic"]
     pick = min(good, key=lambda r: (r["mean-flops"], -r["accuracy"]))
-    log(INFO, "anytime: exit 1 acc %.3f at %.2f MFLOPs, exit %d acc %.3f at %.2f MFLOPs; confidence >= %.3g: "
+    log(
+        INFO,
+        "anytime: exit 1 acc %.3f at %.2f MFLOPs, exit %d acc %.3f at %.2f MFLOPs; confidence >= %.3g: "
         "acc %.3f at %.2f MFLOPs (%.1f blocks) on average",
-        report["exits"][0]["accuracy"], report["exits"][0]["flops"] / 1e6, last["exit"], last["accuracy"],
-        last["flops"] / 1e6, pick["threshold"], pick["accuracy"], pick["mean-flops"] / 1e6, pick["mean-blocks"])
+        report["exits"][0]["accuracy"],
+        report["exits"][0]["flops"] / 1e6,
+        last["exit"],
+        last["accuracy"],
+        last["flops"] / 1e6,
+        pick["threshold"],
+        pick["accuracy"],
+        pick["mean-flops"] / 1e6,
+        pick["mean-blocks"],
+    )
     return report
 
 
@@ -53,8 +63,15 @@ def draw_plots(run_dir: Path) -> list[Path]:
         return []
 
 
-def finish_run(grid: Grid, cfg: dict, model: AnytimeViT, test_set, arrays: dict[str, np.ndarray], run_dir: Path,
-               node_depth: dict[int, int] | None = None) -> None:
+def finish_run(
+    grid: Grid,
+    cfg: dict,
+    model: AnytimeViT,
+    test_set,
+    arrays: dict[str, np.ndarray],
+    run_dir: Path,
+    node_depth: dict[int, int] | None = None,
+) -> None:
     write_anytime(run_dir, model, test_set, arrays, cfg["eval-batch-size"])
     if cfg["personalize-epochs"] > 0:
         personalization_round(grid, arrays, cfg, run_dir, cfg["num-server-rounds"] + 1, node_depth)

@@ -37,8 +37,11 @@ def acquire(run_dir: Path) -> int:
             holder = {}
         os.close(fd)
         who = f" (pid {holder.get('pid')} on {holder.get('host')})" if holder else ""
-        raise ConfigError("run-name", f"{run_dir} is in use by a live run{who}; stop it first "
-                                      "(Ctrl-C on scripts/simulate.sh, or `flwr stop RUN_ID`) or pick another run-name") from None
+        raise ConfigError(
+            "run-name",
+            f"{run_dir} is in use by a live run{who}; stop it first "
+            "(Ctrl-C on scripts/simulate.sh, or `flwr stop RUN_ID`) or pick another run-name",
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
     _held.append(fd)

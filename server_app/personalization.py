@@ -22,8 +22,9 @@ from core.records import to_record
 FILE = "personalization.json"
 
 
-def request(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, server_round: int,
-            node_depth: dict[int, int] | None = None) -> list[tuple[int, Message]]:
+def request(
+    grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, server_round: int, node_depth: dict[int, int] | None = None
+) -> list[tuple[int, Message]]:
     """Send the final global adapters to all nodes with config personalize=true; (node, reply) pairs.
 
     A node whose depth the rounds taught gets the arrays of its blocks only; another gets all.
@@ -53,7 +54,11 @@ def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
             continue
         m = msg.content.metric_records["metrics"]
         depth = int(m.get("depth", 0))
-        client = {"partition-id": int(m.get("partition-id", -1)), "depth": depth, "num-examples": int(m.get("num-examples", 0))}
+        client = {
+            "partition-id": int(m.get("partition-id", -1)),
+            "depth": depth,
+            "num-examples": int(m.get("num-examples", 0)),
+        }
         if "train-loss-before" in m:
             loss_before.append(float(m["train-loss-before"]))
             loss_after.append(float(m["train-loss-after"]))
@@ -69,17 +74,19 @@ def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
     for i in sorted(per_exit):
         ba = np.asarray(per_exit[i])
         gain = ba[:, 1] - ba[:, 0]
-        exits.append({
-            "exit": i,
-            "clients": len(ba),
-            "accuracy-before": round(float(ba[:, 0].mean()), 4),
-            "accuracy-after": round(float(ba[:, 1].mean()), 4),
-            # population std over clients: the spread of this federation, not an estimate
-            "gain-mean": round(float(gain.mean()), 4),
-            "gain-std": round(float(gain.std()), 4),
-            "gain-min": round(float(gain.min()), 4),
-            "gain-max": round(float(gain.max()), 4),
-        })
+        exits.append(
+            {
+                "exit": i,
+                "clients": len(ba),
+                "accuracy-before": round(float(ba[:, 0].mean()), 4),
+                "accuracy-after": round(float(ba[:, 1].mean()), 4),
+                # population std over clients: the spread of this federation, not an estimate
+                "gain-mean": round(float(gain.mean()), 4),
+                "gain-std": round(float(gain.std()), 4),
+                "gain-min": round(float(gain.min()), 4),
+                "gain-max": round(float(gain.max()), 4),
+            }
+        )
     return {
         "epochs": cfg["personalize-epochs"],
         "lr": cfg["personalize-lr"],
@@ -92,12 +99,24 @@ def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
     }
 
 
-def personalization_round(grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, run_dir: Path, server_round: int,
-                          node_depth: dict[int, int] | None = None) -> dict:
+def personalization_round(
+    grid: Grid,
+    arrays: dict[str, np.ndarray],
+    cfg: dict,
+    run_dir: Path,
+    server_round: int,
+    node_depth: dict[int, int] | None = None,
+) -> dict:
     summary = summarize(request(grid, arrays, cfg, server_round, node_depth), cfg)
     (Path(run_dir) / FILE).write_text(json.dumps(summary, indent=2))
     gains = " ".join(f"{e['gain-mean']:+.3f}" for e in summary["exits"])
-    log(INFO, "personalisation (%d clients, personalize-epochs=%d, personalize-lr=%g): mean accuracy gain per exit: %s%s",
-        summary["clients"], cfg["personalize-epochs"], cfg["personalize-lr"], gains or "n/a",
-        f" | {summary['failed']} failed" if summary["failed"] else "")
+    log(
+        INFO,
+        "personalisation (%d clients, personalize-epochs=%d, personalize-lr=%g): mean accuracy gain per exit: %s%s",
+        summary["clients"],
+        cfg["personalize-epochs"],
+        cfg["personalize-lr"],
+        gains or "n/a",
+        f" | {summary['failed']} failed" if summary["failed"] else "",
+    )
     return summary

@@ -82,11 +82,18 @@ def plot_accuracy_vs_cost(anytime: dict, path: Path) -> Path | None:
     exits = anytime["exits"]
     ax.plot([e["flops"] / 1e6 for e in exits], [e["accuracy"] for e in exits], "o-", label="fixed exit")
     for e in exits:
-        ax.annotate(str(e["exit"]), (e["flops"] / 1e6, e["accuracy"]), textcoords="offset points", xytext=(0, 5), fontsize=7)
+        ax.annotate(
+            str(e["exit"]), (e["flops"] / 1e6, e["accuracy"]), textcoords="offset points", xytext=(0, 5), fontsize=7
+        )
     dyn = sorted(anytime.get("dynamic", []), key=lambda r: r["mean-flops"])
     if dyn:
-        ax.plot([r["mean-flops"] / 1e6 for r in dyn], [r["accuracy"] for r in dyn], "s--", ms=4,
-                label="confidence-based early exit")
+        ax.plot(
+            [r["mean-flops"] / 1e6 for r in dyn],
+            [r["accuracy"] for r in dyn],
+            "s--",
+            ms=4,
+            label="confidence-based early exit",
+        )
     ax.set(xlabel="MFLOPs per input", ylabel="test accuracy", title="Anytime inference: accuracy vs cost")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
@@ -124,8 +131,12 @@ def plot_personalization(pers: dict, path: Path) -> Path | None:
     ax.scatter(x, [e["gain-min"] for e in exits], marker="v", color="k", s=14, label="min / max")
     ax.scatter(x, [e["gain-max"] for e in exits], marker="^", color="k", s=14)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="exit", ylabel="accuracy after - before", xticks=x,
-           title=f"Personalisation gain over {pers.get('clients', '?')} clients (local epochs: {pers.get('epochs', '?')})")
+    ax.set(
+        xlabel="exit",
+        ylabel="accuracy after - before",
+        xticks=x,
+        title=f"Personalisation gain over {pers.get('clients', '?')} clients (local epochs: {pers.get('epochs', '?')})",
+    )
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

@@ -27,9 +27,12 @@ def wait_for_nodes(grid: Grid, cfg: dict[str, Any], clock=time.monotonic, sleep=
         if have >= want:
             return have
         if clock() >= deadline:
-            raise ConfigError("min-nodes", f"only {have} of the {want} nodes it asks for connected within "
-                                           f"min-nodes-timeout={limit}s (a simulation has num-supernodes nodes); "
-                                           "lower min-nodes or start more SuperNodes")
+            raise ConfigError(
+                "min-nodes",
+                f"only {have} of the {want} nodes it asks for connected within "
+                f"min-nodes-timeout={limit}s (a simulation has num-supernodes nodes); "
+                "lower min-nodes or start more SuperNodes",
+            )
         if not said:
             log(INFO, "Waiting up to %ds for %d nodes (min-nodes); %d connected", limit, want, have)
             said = True
@@ -47,6 +50,8 @@ def partition_document(cfg: dict[str, Any], num_nodes: int) -> dict:
     empty = [r["partition-id"] for r in doc["partitions"] if r["examples"] < 1]
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
-        raise DataError(f"{len(empty)} of {num_nodes} partitions of task {cfg['task']!r} hold no example "
-                        f"(partition-id {shown}): use fewer nodes or a larger dirichlet-alpha")
+        raise DataError(
+            f"{len(empty)} of {num_nodes} partitions of task {cfg['task']!r} hold no example "
+            f"(partition-id {shown}): use fewer nodes or a larger dirichlet-alpha"
+        )
     return doc

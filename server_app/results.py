@@ -49,8 +49,13 @@ def read_rows(run_dir: Path) -> list[dict]:
         except ValueError:
             row = None
         if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            log(WARNING, "%s line %d is damaged (cut off by a crash?) and is left out; the %d rows before it are kept",
-                path, number, len(rows))
+            log(
+                WARNING,
+                "%s line %d is damaged (cut off by a crash?) and is left out; the %d rows before it are kept",
+                path,
+                number,
+                len(rows),
+            )
             continue
         rows.append(row)
     return rows
@@ -85,12 +90,17 @@ def write_csv(run_dir: Path) -> None:
 
 def save_weights(run_dir: Path, arrays: dict[str, np.ndarray], metadata: dict) -> Path:
     path = Path(run_dir) / WEIGHTS
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
-              metadata={k: json.dumps(v) for k, v in metadata.items()})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        str(path),
+        metadata={k: json.dumps(v) for k, v in metadata.items()},
+    )
     return path
 
 
-def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: int, doc: dict | None = None) -> Path | None:
+def write_partition_stats(
+    cfg: dict[str, Any], run_dir: Path, num_partitions: int, doc: dict | None = None
+) -> Path | None:
     """The ServerApp's hook: partition-stats.json in the run folder, one log line.
 
     `num_partitions` is the number of connected nodes (in simulation, every
@@ -102,6 +112,18 @@ def write_partition_stats(cfg: dict[str, Any], run_dir: Path, num_partitions: in
     doc = doc or stats.document(cfg, num_partitions)
     path = stats.write_json(doc, Path(run_dir) / stats.FILE)
     e, c = doc["summary"]["examples-per-partition"], doc["summary"]["classes-per-partition"]
-    log(INFO, "%s over %d partitions: examples min/median/max %d/%g/%d, classes %d/%g/%d of %d (%s)",
-        cfg["task"], num_partitions, e["min"], e["median"], e["max"], c["min"], c["median"], c["max"], doc["num-classes"], path)
+    log(
+        INFO,
+        "%s over %d partitions: examples min/median/max %d/%g/%d, classes %d/%g/%d of %d (%s)",
+        cfg["task"],
+        num_partitions,
+        e["min"],
+        e["median"],
+        e["max"],
+        c["min"],
+        c["median"],
+        c["max"],
+        doc["num-classes"],
+        path,
+    )
     return path

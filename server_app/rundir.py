@@ -45,7 +45,9 @@ def open_run_dir(cfg: dict) -> tuple[Path, dict | None]:
     _check_writable(run_dir)
     lock.acquire(run_dir)
     if (run_dir / checkpoint.NAME).exists():
-        raise ConfigError("run-name", f"{run_dir} already holds a run; set resume=true to continue it or pick another run-name")
+        raise ConfigError(
+            "run-name", f"{run_dir} already holds a run; set resume=true to continue it or pick another run-name"
+        )
     _write_config(run_dir, cfg)
     return run_dir, None
 

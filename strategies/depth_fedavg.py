@@ -32,9 +32,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from core.naming import param_block
 from core.codec import CodecError, decode, is_packed, payload_bytes
 from core.config import parse_tier_names, parse_tiers
+from core.naming import param_block
 from core.records import to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
@@ -142,8 +142,13 @@ class DepthAwareFedAvg(FedAvg):
                 foreign.append(key)
         if foreign:
             # A checkpoint of another strategy: its state means nothing here.
-            log(WARNING, "%s ignores %d checkpointed state arrays it does not keep, e.g. %s",
-                type(self).__name__, len(foreign), foreign[0])
+            log(
+                WARNING,
+                "%s ignores %d checkpointed state arrays it does not keep, e.g. %s",
+                type(self).__name__,
+                len(foreign),
+                foreign[0],
+            )
 
     # -- Flower Strategy API --------------------------------------------------
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids, message_type) -> list[Message]:
@@ -203,7 +208,12 @@ class DepthAwareFedAvg(FedAvg):
             raise ValueError(f"'{WEIGHT_KEY}' must be a finite number > 0, got {weight!r}")
         depth = metrics.get("depth")
         limit = self.max_depth()
-        if not isinstance(depth, (int, float)) or not np.isfinite(depth) or depth != int(depth) or not 1 <= depth <= limit:
+        if (
+            not isinstance(depth, (int, float))
+            or not np.isfinite(depth)
+            or depth != int(depth)
+            or not 1 <= depth <= limit
+        ):
             raise ValueError(f"'depth' must be an integer in 1..{limit}, got {depth!r}")
         depth = int(depth)
         if "arrays" not in content.array_records:
@@ -246,8 +256,11 @@ class DepthAwareFedAvg(FedAvg):
             good.append(Update(node, deltas, weight, depth, nbytes, msg.content))
         for node, reason in dropped:
             log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node, reason)
-        self.last_round = {"dropped": len(dropped), "dropped-reasons": [r for _, r in dropped],
-                           "dropped-nodes": [n for n, _ in dropped]}
+        self.last_round = {
+            "dropped": len(dropped),
+            "dropped-reasons": [r for _, r in dropped],
+            "dropped-nodes": [n for n, _ in dropped],
+        }
         return good
 
     def tier_label(self, depth: int) -> str:
@@ -260,14 +273,21 @@ class DepthAwareFedAvg(FedAvg):
         per_tier = Counter(self.tier_label(u.depth) for u in updates)
         tiers = {self.tier_label(d): per_tier.get(self.tier_label(d), 0) for d in sorted(self.tier_names)}
         tiers.update(sorted(per_tier.items()))  # depths outside the tiers (node max-depth)
-        self.last_round.update({
-            "clients": len(updates),
-            "depths": [u.depth for u in updates],
-            "bytes-up": sum(u.nbytes for u in updates),
-            "clients-per-tier": tiers,
-        })
-        log(INFO, "round %d: %d updates, per tier: %s", server_round, len(updates),
-            ", ".join(f"{k} {v}" for k, v in tiers.items()) or "none")
+        self.last_round.update(
+            {
+                "clients": len(updates),
+                "depths": [u.depth for u in updates],
+                "bytes-up": sum(u.nbytes for u in updates),
+                "clients-per-tier": tiers,
+            }
+        )
+        log(
+            INFO,
+            "round %d: %d updates, per tier: %s",
+            server_round,
+            len(updates),
+            ", ".join(f"{k} {v}" for k, v in tiers.items()) or "none",
+        )
         if not updates:
             return None, None
         return to_record(self.apply(updates)), aggregate_partial_metrics([u.content for u in updates])

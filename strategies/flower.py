@@ -65,8 +65,9 @@ class _Nodes:
 class FlowerGroups(DepthAwareFedAvg):
     """Runs one instance of a Flower strategy per group of blocks."""
 
-    def __init__(self, *, factory: Callable[[], Strategy], label: str, groups: str = "tier",
-                 tiers: Iterable[int] = (), **kwargs):
+    def __init__(
+        self, *, factory: Callable[[], Strategy], label: str, groups: str = "tier", tiers: Iterable[int] = (), **kwargs
+    ):
         super().__init__(**kwargs)
         self.factory = factory
         self.label = label
@@ -133,8 +134,14 @@ class FlowerGroups(DepthAwareFedAvg):
         try:
             for group, names in self.groups().items():
                 inner = self.inner_for(group)
-                count = max([1] + [int(getattr(s, a, 0) or 0) for s in strategy_chain(inner)
-                                   for a in ("min_available_nodes", "min_train_nodes")])
+                count = max(
+                    [1]
+                    + [
+                        int(getattr(s, a, 0) or 0)
+                        for s in strategy_chain(inner)
+                        for a in ("min_available_nodes", "min_train_nodes")
+                    ]
+                )
                 sub = to_record({n: self.global_arrays[n] for n in names})
                 msgs = list(inner.configure_train(server_round, sub, ConfigRecord(), _Nodes(count)) or [])
                 for msg in msgs[:1]:
@@ -155,12 +162,20 @@ class FlowerGroups(DepthAwareFedAvg):
         new = dict(self.global_arrays)
         for group, names in self.groups().items():
             senders = [u for u in updates if all(n in u.deltas for n in names)]
-            partial = [u for u in updates if any(n in u.deltas for n in names) and not all(n in u.deltas for n in names)]
+            partial = [
+                u for u in updates if any(n in u.deltas for n in names) and not all(n in u.deltas for n in names)
+            ]
             for u in partial:
                 if (u.node, group) not in self._warned_partial:
                     self._warned_partial.add((u.node, group))
-                    log(WARNING, "node %d (depth %d) holds only part of blocks %s and is left out of that group; "
-                        "strategy-groups='block' uses every block it sends", u.node, u.depth, group[1:])
+                    log(
+                        WARNING,
+                        "node %d (depth %d) holds only part of blocks %s and is left out of that group; "
+                        "strategy-groups='block' uses every block it sends",
+                        u.node,
+                        u.depth,
+                        group[1:],
+                    )
             if not senders:
                 continue
             inner = self.inner_for(group)
@@ -168,17 +183,26 @@ class FlowerGroups(DepthAwareFedAvg):
                 if hasattr(s, "num_sampled_clients"):
                     # DP noise is calibrated to the mean over this group's senders.
                     s.num_sampled_clients = len(senders)
-            loss_key = next((s.train_loss_key for s in strategy_chain(inner) if hasattr(s, "train_loss_key")), "train_loss")
+            loss_key = next(
+                (s.train_loss_key for s in strategy_chain(inner) if hasattr(s, "train_loss_key")), "train_loss"
+            )
             msgs = [self._group_reply(u, names, loss_key) for u in senders]
             arrays, _ = inner.aggregate_train(self._round, msgs)
             if arrays is None:
-                log(WARNING, "round %d: %s left blocks %s as they were (%d senders)", self._round, self.label,
-                    group[1:], len(senders))
+                log(
+                    WARNING,
+                    "round %d: %s left blocks %s as they were (%d senders)",
+                    self._round,
+                    self.label,
+                    group[1:],
+                    len(senders),
+                )
                 continue
             out = to_numpy(arrays)
             if set(out) != set(names):
-                raise ValueError(f"{self.label} returned arrays {sorted(out)[:3]}... for blocks {group[1:]}, "
-                                 f"expected {names[:3]}...")
+                raise ValueError(
+                    f"{self.label} returned arrays {sorted(out)[:3]}... for blocks {group[1:]}, expected {names[:3]}..."
+                )
             for n in names:
                 new[n] = np.asarray(out[n], dtype=np.float32).reshape(self.global_arrays[n].shape)
         return new
@@ -213,8 +237,13 @@ class FlowerGroups(DepthAwareFedAvg):
             _, group, path, kind, sub = parts
             self._pending.setdefault(group, []).append((path, kind, sub, np.array(value)))
         if foreign:
-            log(WARNING, "%s ignores %d checkpointed state arrays it does not keep, e.g. %s",
-                self.label, len(foreign), foreign[0])
+            log(
+                WARNING,
+                "%s ignores %d checkpointed state arrays it does not keep, e.g. %s",
+                self.label,
+                len(foreign),
+                foreign[0],
+            )
 
 
 def _capture(obj, fresh, prefix: str, path: list[str], out: dict) -> None:

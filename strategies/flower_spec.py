@@ -52,8 +52,11 @@ def resolve(spec: str, key: str) -> type:
     if cls.__name__ in NOT_ARRAYS:
         raise ConfigError(key, f"{cls.__name__} aggregates XGBoost trees, not arrays of weights")
     if cls.__name__ in CLIENT_SIDE:
-        raise ConfigError(key, f"{cls.__name__} needs every client to clip its whole reply with a Flower mod, "
-                          "which depth-limited delta updates do not fit; use the ServerSide variant")
+        raise ConfigError(
+            key,
+            f"{cls.__name__} needs every client to clip its whole reply with a Flower mod, "
+            "which depth-limited delta updates do not fit; use the ServerSide variant",
+        )
     return cls
 
 
@@ -89,8 +92,11 @@ def _checked(cls: type, kwargs: dict[str, Any], key: str) -> None:
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
-        required = [n for n, p in inspect.signature(cls).parameters.items()
-                    if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        required = [
+            n
+            for n, p in inspect.signature(cls).parameters.items()
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         raise ConfigError(key, f"{cls.__name__}: {err} (it requires: {', '.join(required) or 'nothing'})") from None
 
 

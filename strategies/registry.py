@@ -46,8 +46,16 @@ def build_strategy(name: str, cfg: dict[str, Any]) -> DepthAwareFedAvg:
     if name in STRATEGIES:
         return STRATEGIES[name].from_config(cfg)
     if ":" not in name:
-        raise ConfigError("strategy", f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}, "
-                          "or flwr:<Class> (e.g. flwr:Krum), or package.module:Class")
+        raise ConfigError(
+            "strategy",
+            f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}, "
+            "or flwr:<Class> (e.g. flwr:Krum), or package.module:Class",
+        )
     factory = strategy_factory(cfg)
-    return FlowerGroups(factory=factory, label=name, groups=cfg["strategy-groups"], tiers=parse_tiers(cfg),
-                        **DepthAwareFedAvg.config_kwargs(cfg))
+    return FlowerGroups(
+        factory=factory,
+        label=name,
+        groups=cfg["strategy-groups"],
+        tiers=parse_tiers(cfg),
+        **DepthAwareFedAvg.config_kwargs(cfg),
+    )

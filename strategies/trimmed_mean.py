@@ -29,4 +29,4 @@ class DepthAwareTrimmedMean(DepthAwareFedAvg):
         n = len(deltas)
         cut = int(self.trim_fraction * n)
         ordered = np.sort(np.stack(deltas).astype(np.float64), axis=0)
-        return ordered[cut:n - cut].mean(axis=0).astype(np.float32)
+        return ordered[cut : n - cut].mean(axis=0).astype(np.float32)

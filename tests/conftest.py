@@ -1,9 +1,8 @@
 """Fixtures shared by the test modules."""
 
-from tests.fakegrid import fake_grid  # noqa: F401  (fixture: a fake Flower Grid running the real ClientApp)
-
-
 import pytest  # noqa: E402
+
+from tests.fakegrid import fake_grid  # noqa: F401  (fixture: a fake Flower Grid running the real ClientApp)
 
 
 @pytest.fixture(autouse=True, scope="session")

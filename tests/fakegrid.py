@@ -27,8 +27,15 @@ from tests.localgrid import LocalGrid
 
 
 class FakeGrid(LocalGrid):
-    def __init__(self, num_nodes: int, run_config: dict, *, node_configs: list[dict] | None = None,
-                 interrupt_at_round: int | None = None, raise_errors: bool = True):
+    def __init__(
+        self,
+        num_nodes: int,
+        run_config: dict,
+        *,
+        node_configs: list[dict] | None = None,
+        interrupt_at_round: int | None = None,
+        raise_errors: bool = True,
+    ):
         super().__init__(num_nodes, run_config, node_configs)
         self.interrupt_at_round = interrupt_at_round
         self.raise_errors = raise_errors
@@ -50,11 +57,20 @@ class FakeGrid(LocalGrid):
         messages = list(messages)
         for msg in messages:
             config = dict(msg.content.config_records.get("config", {}))
-            if (msg.metadata.message_type == MessageType.TRAIN and self.interrupt_at_round is not None
-                    and config.get("server-round") == self.interrupt_at_round):
+            if (
+                msg.metadata.message_type == MessageType.TRAIN
+                and self.interrupt_at_round is not None
+                and config.get("server-round") == self.interrupt_at_round
+            ):
                 raise KeyboardInterrupt(f"simulated Ctrl-C at the start of round {self.interrupt_at_round}")
-            self.delivered.append({"type": msg.metadata.message_type, "node": msg.metadata.dst_node_id,
-                                   "round": config.get("server-round"), "config": config})
+            self.delivered.append(
+                {
+                    "type": msg.metadata.message_type,
+                    "node": msg.metadata.dst_node_id,
+                    "round": config.get("server-round"),
+                    "config": config,
+                }
+            )
         before = len(self.errors)
         replies = list(super().send_and_receive(messages, timeout=timeout))
         if self.raise_errors and len(self.errors) > before:

@@ -41,7 +41,8 @@ def cifar_dataset(rng, per_class: int, classes: int = 100) -> Dataset:
     labels = np.repeat(np.arange(classes), per_class)
     feats = Features({"img": Image(), "fine_label": ClassLabel(num_classes=100), "coarse_label": Value("int64")})
     return Dataset.from_dict(
-        {"img": _pixels(rng, len(labels), (32, 32, 3)), "fine_label": labels, "coarse_label": labels // 5}, features=feats
+        {"img": _pixels(rng, len(labels), (32, 32, 3)), "fine_label": labels, "coarse_label": labels // 5},
+        features=feats,
     )
 
 
@@ -62,7 +63,9 @@ def make_cifar_arrow(root: Path, per_class: int = 2, seed: int = 1) -> Path:
     return root
 
 
-def make_cifar_imagefolder(root: Path, classes=("apple", "bear", "train", "worm"), per_class: int = 4, seed: int = 2) -> Path:
+def make_cifar_imagefolder(
+    root: Path, classes=("apple", "bear", "train", "worm"), per_class: int = 4, seed: int = 2
+) -> Path:
     rng = np.random.default_rng(seed)
     for split, n in (("train", per_class), ("test", 1)):
         for name in classes:
@@ -90,11 +93,18 @@ def make_femnist_parquet(root: Path, writers: int = 6, per_writer: int = 5, seed
     """flwrlabs/femnist's layout: one train split, columns image/writer_id/character/hsf_id."""
     rng = np.random.default_rng(seed)
     images, ids, chars = femnist_rows(rng, writers, per_writer)
-    feats = Features({"image": Image(), "writer_id": Value("string"), "character": ClassLabel(num_classes=62), "hsf_id": Value("int64")})
-    root.mkdir(parents=True, exist_ok=True)
-    Dataset.from_dict({"image": images, "writer_id": ids, "character": chars, "hsf_id": [0] * len(ids)}, features=feats).to_parquet(
-        str(root / "train-00000-of-00001.parquet")
+    feats = Features(
+        {
+            "image": Image(),
+            "writer_id": Value("string"),
+            "character": ClassLabel(num_classes=62),
+            "hsf_id": Value("int64"),
+        }
     )
+    root.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict(
+        {"image": images, "writer_id": ids, "character": chars, "hsf_id": [0] * len(ids)}, features=feats
+    ).to_parquet(str(root / "train-00000-of-00001.parquet"))
     return root
 
 
@@ -173,7 +183,9 @@ def speech_hub_dataset(rng, speakers: int, words, silence_seconds: float) -> Dat
     audio, labels, spk = [], [], []
     for wi, word in enumerate(words):
         for s in range(speakers):
-            audio.append({"bytes": _wav_bytes(_tone(rng, 1.0, 200 + 150 * wi)), "path": f"{word}/{s:04x}cafe_nohash_0.wav"})
+            audio.append(
+                {"bytes": _wav_bytes(_tone(rng, 1.0, 200 + 150 * wi)), "path": f"{word}/{s:04x}cafe_nohash_0.wav"}
+            )
             labels.append(HUB_NAMES.index(word))
             spk.append(f"{s:04x}cafe")
     for k in range(2):
@@ -181,14 +193,27 @@ def speech_hub_dataset(rng, speakers: int, words, silence_seconds: float) -> Dat
         audio.append({"bytes": _wav_bytes(noise), "path": f"_silence_/{k}.wav"})
         labels.append(HUB_NAMES.index("_silence_"))
         spk.append(None)
-    feats = Features({
-        "file": Value("string"), "audio": {"bytes": Value("binary"), "path": Value("string")},
-        "label": ClassLabel(names=HUB_NAMES), "is_unknown": Value("bool"), "speaker_id": Value("string"), "utterance_id": Value("int8"),
-    })
-    ds = Dataset.from_dict({
-        "file": [a["path"] for a in audio], "audio": audio, "label": labels,
-        "is_unknown": [HUB_NAMES[i] in WORDS[10:] for i in labels], "speaker_id": spk, "utterance_id": [0] * len(labels),
-    }, features=feats)
+    feats = Features(
+        {
+            "file": Value("string"),
+            "audio": {"bytes": Value("binary"), "path": Value("string")},
+            "label": ClassLabel(names=HUB_NAMES),
+            "is_unknown": Value("bool"),
+            "speaker_id": Value("string"),
+            "utterance_id": Value("int8"),
+        }
+    )
+    ds = Dataset.from_dict(
+        {
+            "file": [a["path"] for a in audio],
+            "audio": audio,
+            "label": labels,
+            "is_unknown": [HUB_NAMES[i] in WORDS[10:] for i in labels],
+            "speaker_id": spk,
+            "utterance_id": [0] * len(labels),
+        },
+        features=feats,
+    )
     return ds.cast_column("audio", Audio(sampling_rate=RATE))
 
 
@@ -210,7 +235,9 @@ def row_keys(ds: Dataset, column: str) -> list[str]:
     feature = ds.features[column]
     if isinstance(feature, (Image, Audio)):
         ds = ds.cast_column(column, type(feature)(decode=False))
-    return [hashlib.sha1(r[column]["bytes"] or r[column]["path"].encode()).hexdigest() for r in ds.select_columns([column])]
+    return [
+        hashlib.sha1(r[column]["bytes"] or r[column]["path"].encode()).hexdigest() for r in ds.select_columns([column])
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_batched_early_exit_runs_deeper_blocks_only_for_inputs_still_running(mod
     expected = [int((exits >= b).sum()) for b in range(1, model.num_blocks + 1)]
     assert rows_per_block == [n for n in expected if n > 0]
     for j in range(len(x)):
-        alone = model(x[j:j + 1], depth=int(exits[j]))
+        alone = model(x[j : j + 1], depth=int(exits[j]))
         torch.testing.assert_close(out.logits[j], alone[-1][0], rtol=1e-4, atol=1e-5)
         # it left at the first exit that was confident enough
         confs = [float(z.softmax(-1).max()) for z in alone]
@@ -110,6 +110,7 @@ def test_curve_matches_per_input_early_exit(model, x, flops):
 
 
 # -- anytime-fl predict ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, model):

@@ -23,8 +23,22 @@ def test_communication_orders_full_finetuning_above_adapters_above_topk(tmp_path
     import communication
 
     out = tmp_path / "comm.json"
-    communication.main(["--models", "vit_micro_patch7_28", "--num-classes", "10", "--tiers", "3,12",
-                        "--topk", "0.1,0.01", "--batch", "1", "--out", str(out)])
+    communication.main(
+        [
+            "--models",
+            "vit_micro_patch7_28",
+            "--num-classes",
+            "10",
+            "--tiers",
+            "3,12",
+            "--topk",
+            "0.1,0.01",
+            "--batch",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     full = rows["full fine-tuning (FedAvg)"]
     assert full["params"] == 1_349_770  # vit_micro (1,339,776) + a 10-class head
@@ -39,8 +53,26 @@ def test_speed_reports_throughput_memory_and_ratio_per_configuration(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(["--models", "vit_micro_patch7_28@28/7", "--depths", "3", "--batch", "4", "--steps", "1",
-                "--warmup", "1", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    speed.main(
+        [
+            "--models",
+            "vit_micro_patch7_28@28/7",
+            "--depths",
+            "3",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     rows = {r["config"]: r for r in report["rows"]}
     assert set(rows) == {"ours d3", "full fine-tuning"}
@@ -54,8 +86,22 @@ def test_accuracy_runs_all_three_methods_on_the_same_clients(tmp_path):
     import accuracy
 
     out = tmp_path / "acc.json"
-    accuracy.main(["--rounds", "1", "--nodes", "4", "--no-sweep", "--out", str(out),
-                   "--run-config", "backbone-weights=''", "tiers='2,4'", "min-nodes=2", "fraction-train=0.5"])
+    accuracy.main(
+        [
+            "--rounds",
+            "1",
+            "--nodes",
+            "4",
+            "--no-sweep",
+            "--out",
+            str(out),
+            "--run-config",
+            "backbone-weights=''",
+            "tiers='2,4'",
+            "min-nodes=2",
+            "fraction-train=0.5",
+        ]
+    )
     report = json.loads(out.read_text())
     rows = {r["key"]: r for r in report["rows"]}
     assert set(rows) == {"ours", "full", "head"}
@@ -70,8 +116,24 @@ def test_peers_runs_each_kind_of_method_on_the_same_clients(tmp_path):
     import peers
 
     out = tmp_path / "peers.json"
-    peers.main(["--rounds", "1", "--nodes", "4", "--methods", "ours,depthfl-kd,headonly,exclusion", "--out", str(out),
-                "--run-config", "backbone-weights=''", "tiers='2,4'", "min-nodes=2", "fraction-train=0.5", "local-epochs=1"])
+    peers.main(
+        [
+            "--rounds",
+            "1",
+            "--nodes",
+            "4",
+            "--methods",
+            "ours,depthfl-kd,headonly,exclusion",
+            "--out",
+            str(out),
+            "--run-config",
+            "backbone-weights=''",
+            "tiers='2,4'",
+            "min-nodes=2",
+            "fraction-train=0.5",
+            "local-epochs=1",
+        ]
+    )
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["ours"]["same-clients"] is True
     assert len(rows["ours"]["accuracy"]) == 12 and len(rows["depthfl-kd"]["accuracy"]) == 4
@@ -85,9 +147,27 @@ def test_gap_runs_federated_central_and_heads_only(tmp_path):
     import gap
 
     out = tmp_path / "gap.json"
-    gap.main(["--rounds", "1", "--nodes", "4", "--out", str(out), "--base", "backbone-weights=''", "tiers='2'",
-              "local-epochs=1", "min-nodes=2",
-              "--exp", "fed:logit-adjust=1.0", "--exp", "cen:central optimizer=sgd lr=0.05", "--exp", "h:heads"])
+    gap.main(
+        [
+            "--rounds",
+            "1",
+            "--nodes",
+            "4",
+            "--out",
+            str(out),
+            "--base",
+            "backbone-weights=''",
+            "tiers='2'",
+            "local-epochs=1",
+            "min-nodes=2",
+            "--exp",
+            "fed:logit-adjust=1.0",
+            "--exp",
+            "cen:central optimizer=sgd lr=0.05",
+            "--exp",
+            "h:heads",
+        ]
+    )
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["cen"]["central"] and not rows["fed"]["central"] and rows["h"]["heads-only"]
     assert len(rows["fed"]["val-accuracy-per-exit"]) == 12 and len(rows["cen"]["accuracy"]) == 2

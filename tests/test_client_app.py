@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from core.naming import param_block
 from adapters.state import get_state
+from client_app.app import evaluate_exits, train
 from core.config import validate
+from core.naming import param_block
 from core.records import to_numpy
 from runtime.models import model_and_spec
-from client_app.app import evaluate_exits, train
 from tests.flowerkit import TINY, context, train_message
 
 

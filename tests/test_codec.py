@@ -87,9 +87,35 @@ def test_ten_percent_of_a_small_model_costs_at_most_ten_percent_of_the_dense_byt
     # 288 tensors of the default adapter's sizes: per-array headers would
     # dominate if each tensor travelled as its own arrays.
     rng = np.random.default_rng(0)
-    sizes = [96, 13 * 32, 96, 96, 32 * 96, 32, 32, 32, 96 * 32, 96, 32 * 32, 32, 32, 32, 64 * 32, 64, 32 * 64, 32, 96 * 32, 96,
-             96, 96, 96 * 10, 10]
-    delta = {f"adapters.{b}.p{i}": rng.standard_normal(s).astype(np.float32) for b in range(12) for i, s in enumerate(sizes)}
+    sizes = [
+        96,
+        13 * 32,
+        96,
+        96,
+        32 * 96,
+        32,
+        32,
+        32,
+        96 * 32,
+        96,
+        32 * 32,
+        32,
+        32,
+        32,
+        64 * 32,
+        64,
+        32 * 64,
+        32,
+        96 * 32,
+        96,
+        96,
+        96,
+        96 * 10,
+        10,
+    ]
+    delta = {
+        f"adapters.{b}.p{i}": rng.standard_normal(s).astype(np.float32) for b in range(12) for i, s in enumerate(sizes)
+    }
     payload, _ = topk_encode(delta, 0.1)
     dense_raw = sum(d.nbytes for d in delta.values())
     assert payload_bytes(payload) <= 0.10 * dense_raw

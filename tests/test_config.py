@@ -41,7 +41,9 @@ def test_every_key_has_a_group_and_the_caches_follow_the_groups():
 def test_train_settings_come_from_the_training_keys():
     from adapters.training import TrainSettings
 
-    cfg = validate({"lr": 0.05, "local-epochs": 2, "personalize-epochs": 4, "personalize-lr": 0.002, "exit-loss": "mean"})
+    cfg = validate(
+        {"lr": 0.05, "local-epochs": 2, "personalize-epochs": 4, "personalize-lr": 0.002, "exit-loss": "mean"}
+    )
     fed = TrainSettings.from_config(cfg, prox_mu=0.1)
     assert (fed.epochs, fed.lr, fed.exit_loss, fed.prox_mu) == (2, 0.05, "mean", 0.1)
     own = TrainSettings.from_config(cfg, personalize=True)

@@ -5,8 +5,9 @@ SuperLink keeps its state in a SQLite file (`--database`); `flwr run` submits
 the app through a named SuperLink connection in a private FLWR_HOME, exactly
 as docs/deployment.md tells a user. Three SuperNodes reply at once for three
 rounds and no update may be lost; then one SuperNode is killed (SIGKILL, like
-a machine that loses power) and round 4 must finish with the others. Every process started here, and everything it spawned, is ended
-in the fixture's teardown, which fails if any survive.
+a machine that loses power) and round 4 must finish with the others. Every
+process started here, and everything it spawned, is ended in the fixture's
+teardown, which fails if any survive.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from core.config import ConfigError, validate
 from client_app.tiers import node_run_config
+from core.config import ConfigError, validate
 from server_app import results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +123,15 @@ class Processes:
     def start(self, cmd: list[str], log: Path, home: Path, cwd: Path) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, env={**self.env, "FLWR_HOME": str(home)}, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env={**self.env, "FLWR_HOME": str(home)},
+                preexec_fn=_die_with_parent,
+            )
         self.procs.append(proc)
         return proc
 
@@ -163,7 +171,9 @@ def _wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen], 
             return value
         for proc, log in zip(procs, logs):
             if proc.poll() is not None and not check():
-                pytest.fail(f"{log.name}: process exited with {proc.returncode} while waiting for {what}:\n{_tail(log)}")
+                pytest.fail(
+                    f"{log.name}: process exited with {proc.returncode} while waiting for {what}:\n{_tail(log)}"
+                )
         time.sleep(1)
     pytest.fail(f"timed out waiting for {what}:\n" + "\n".join(f"--- {p.name}\n{_tail(p)}" for p in logs))
 
@@ -191,8 +201,14 @@ def _rounds_written(run_dir: Path) -> int:
 
 def _online_nodes(env: dict[str, str]) -> int:
     try:
-        out = subprocess.run([_exe("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], env=env,
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        out = subprocess.run(
+            [_exe("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
     except subprocess.TimeoutExpired:  # a CLI slowed down by a loaded machine: ask again
         return 0
     try:
@@ -206,12 +222,18 @@ def _online_nodes(env: dict[str, str]) -> int:
 def deployment(tmp_path_factory):
     base = tmp_path_factory.mktemp("deployment")
     certs = base / "certs"
-    subprocess.run(["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(certs), "superlink.test", "10.1.2.3"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(certs), "superlink.test", "10.1.2.3"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     # Each role gets its own FLWR_HOME, as on separate machines; nothing may
     # reach the network (update check, telemetry, per-run dependency installs).
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env.update(FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.update(
+        FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1"
+    )
     port = _free_port()
     user_home = base / "user-flwr-home"
     user_home.mkdir()
@@ -226,11 +248,29 @@ def deployment(tmp_path_factory):
         logs["superlink"] = base / "superlink.log"
         # The SuperLink as docs/deployment.md starts it with --database: Flower's
         # own, with the longer SQLite lock wait of anytime_fl.superlink.
-        link = procs.start([sys.executable, "-m", "anytime_fl.superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
-                            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-                            "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
-                            "--database", str(base / "superlink-state.db")],
-                           logs["superlink"], base / "superlink-home", base)
+        link = procs.start(
+            [
+                sys.executable,
+                "-m",
+                "anytime_fl.superlink",
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "server.pem"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                "--database",
+                str(base / "superlink-state.db"),
+            ],
+            logs["superlink"],
+            base / "superlink-home",
+            base,
+        )
 
         def listening():
             with socket.socket() as s:
@@ -244,23 +284,50 @@ def deployment(tmp_path_factory):
         nodes = []
         for i, node_config in enumerate(NODE_CONFIGS):
             logs[f"node{i}"] = base / f"supernode-{i}.log"
-            nodes.append(procs.start(
-                [_exe("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt"),
-                 "--port", str(_free_port()), "--node-config", node_config.format(data_dir=data_dir)],
-                logs[f"node{i}"], base / f"node-{i}-home", base))
+            nodes.append(
+                procs.start(
+                    [
+                        _exe("flower-supernode"),
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--root-certificates",
+                        str(certs / "ca.crt"),
+                        "--port",
+                        str(_free_port()),
+                        "--node-config",
+                        node_config.format(data_dir=data_dir),
+                    ],
+                    logs[f"node{i}"],
+                    base / f"node-{i}-home",
+                    base,
+                )
+            )
         # Round 1 must see all three depths, so every node is connected first.
-        _wait_for("3 SuperNodes online", lambda: _online_nodes(user_env) >= 3, deadline,
-                  [link, *nodes], [logs["superlink"], *(logs[f"node{i}"] for i in range(3))])
+        _wait_for(
+            "3 SuperNodes online",
+            lambda: _online_nodes(user_env) >= 3,
+            deadline,
+            [link, *nodes],
+            [logs["superlink"], *(logs[f"node{i}"] for i in range(3))],
+        )
 
         out_dir = base / "outputs"
-        run_config = (f"num-server-rounds={FULL_ROUNDS + 1} local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
-                      f"fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' "
-                      f"output-dir='{out_dir}' run-name='deploy'")
+        run_config = (
+            f"num-server-rounds={FULL_ROUNDS + 1} local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
+            f"fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' "
+            f"output-dir='{out_dir}' run-name='deploy'"
+        )
         logs["flwr-run"] = base / "flwr-run.log"
         with open(logs["flwr-run"], "wb") as fh:
-            run = subprocess.Popen([_exe("flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", run_config],
-                                   stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=user_env,
-                                   preexec_fn=_die_with_parent)
+            run = subprocess.Popen(
+                [_exe("flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", run_config],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=user_env,
+                preexec_fn=_die_with_parent,
+            )
         procs.procs.append(run)
         run_dir = out_dir / "deploy"
         # `flwr run --stream` may return while the run goes on (a log stream
@@ -268,20 +335,36 @@ def deployment(tmp_path_factory):
         # log is fetched with `flwr log` at the end, as an operator would.
         watched = [link, *nodes]
         watched_logs = [logs["superlink"], *(logs[f"node{i}"] for i in range(3))]
-        _wait_for(f"round {FULL_ROUNDS} in results.jsonl", lambda: _rounds_written(run_dir) >= FULL_ROUNDS, deadline,
-                  watched, watched_logs)
+        _wait_for(
+            f"round {FULL_ROUNDS} in results.jsonl",
+            lambda: _rounds_written(run_dir) >= FULL_ROUNDS,
+            deadline,
+            watched,
+            watched_logs,
+        )
         procs.kill_tree(nodes[KILLED])
         watched.pop(1 + KILLED)
         watched_logs.pop(1 + KILLED)
-        _wait_for(f"round {FULL_ROUNDS + 1} in results.jsonl", lambda: _rounds_written(run_dir) > FULL_ROUNDS, deadline,
-                  watched, watched_logs)
+        _wait_for(
+            f"round {FULL_ROUNDS + 1} in results.jsonl",
+            lambda: _rounds_written(run_dir) > FULL_ROUNDS,
+            deadline,
+            watched,
+            watched_logs,
+        )
         # The federation is over once the final weights are written; the
         # end-of-run extras (anytime report, plots) are other tests' concern.
         _wait_for("the final weights", lambda: (run_dir / results.WEIGHTS).is_file(), deadline, watched, watched_logs)
         run_id = _run_id(logs["flwr-run"])
         logs["flwr-log"] = base / "flwr-log.log"
-        shown = subprocess.run([_exe("flwr"), "log", run_id, CONNECTION, "--show"], env=user_env, capture_output=True,
-                               text=True, timeout=120, cwd=ROOT)
+        shown = subprocess.run(
+            [_exe("flwr"), "log", run_id, CONNECTION, "--show"],
+            env=user_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         logs["flwr-log"].write_text(shown.stdout + shown.stderr)
 
         # TLS is really on: the SuperLink's port verifies against our CA for the
@@ -298,8 +381,7 @@ def deployment(tmp_path_factory):
         except ssl.SSLCertVerificationError:
             tls["public-ca"] = "refused"
 
-        yield {"rows": results.read_rows(run_dir), "run_dir": run_dir, "certs": certs, "tls": tls,
-               "logs": logs}
+        yield {"rows": results.read_rows(run_dir), "run_dir": run_dir, "certs": certs, "tls": tls, "logs": logs}
     finally:
         survivors = procs.stop()
         assert not survivors, f"processes left running after the test: {survivors}"
@@ -355,8 +437,12 @@ def test_generated_server_certificate_names_every_host(deployment):
 
 
 def test_generate_certs_refuses_to_replace_an_existing_ca(deployment):
-    out = subprocess.run(["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(deployment["certs"])],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(deployment["certs"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "-f" in out.stderr
 
 

@@ -23,15 +23,27 @@ def _strategy():
 def test_each_parameter_is_averaged_over_the_clients_that_sent_it():
     replies = [
         # depth 1, 10 examples: deltas for block 1 only
-        reply({"adapters.0.w": np.array([1.0, 0.0], np.float32), "heads.0.w": np.array([2.0, 2.0], np.float32)}, 10, 1, 11),
+        reply(
+            {"adapters.0.w": np.array([1.0, 0.0], np.float32), "heads.0.w": np.array([2.0, 2.0], np.float32)}, 10, 1, 11
+        ),
         # depth 2, 30 examples: blocks 1 and 2
-        reply({"adapters.0.w": np.array([-1.0, 4.0], np.float32), "heads.0.w": np.array([6.0, 2.0], np.float32),
-               "adapters.1.w": np.array([3.0, -3.0], np.float32)}, 30, 2, 12),
+        reply(
+            {
+                "adapters.0.w": np.array([-1.0, 4.0], np.float32),
+                "heads.0.w": np.array([6.0, 2.0], np.float32),
+                "adapters.1.w": np.array([3.0, -3.0], np.float32),
+            },
+            30,
+            2,
+            12,
+        ),
     ]
     arrays, metrics = _strategy().aggregate_train(1, replies)
     new = to_numpy(arrays)
     # block 1: weights 10 and 30
-    np.testing.assert_allclose(new["adapters.0.w"], GLOBAL["adapters.0.w"] + (10 * np.array([1, 0]) + 30 * np.array([-1, 4])) / 40)
+    np.testing.assert_allclose(
+        new["adapters.0.w"], GLOBAL["adapters.0.w"] + (10 * np.array([1, 0]) + 30 * np.array([-1, 4])) / 40
+    )
     np.testing.assert_allclose(new["heads.0.w"], (10 * np.array([2, 2]) + 30 * np.array([6, 2])) / 40)
     # block 2: only the depth-2 client sent it, so its delta applies in full
     np.testing.assert_allclose(new["adapters.1.w"], GLOBAL["adapters.1.w"] + np.array([3, -3]))

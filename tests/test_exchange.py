@@ -7,11 +7,11 @@ import logging
 import pytest
 from flwr.app import Error, Message
 
-from tests.localgrid import LocalGrid
 from server_app import checkpoint, exchange, results
 from server_app.app import run
 from server_app.exchange import SuperLinkUnavailable, duplicate_partitions
 from tests.flowerkit import TINY
+from tests.localgrid import LocalGrid
 
 
 class PushPullGrid(LocalGrid):
@@ -76,8 +76,17 @@ def flwr_log():
 
 
 def _cfg(tmp_path, **extra):
-    return {**TINY, "num-server-rounds": 2, "fraction-evaluate": 0.0, "personalize-epochs": 0, "min-nodes": 3,
-            "output-dir": str(tmp_path), "run-name": "r", "superlink-patience": 60, **extra}
+    return {
+        **TINY,
+        "num-server-rounds": 2,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        "min-nodes": 3,
+        "output-dir": str(tmp_path),
+        "run-name": "r",
+        "superlink-patience": 60,
+        **extra,
+    }
 
 
 def test_transient_pull_errors_are_retried_and_no_update_is_lost(tmp_path, clock, flwr_log):
@@ -96,8 +105,9 @@ def test_replies_are_logged_as_they_arrive_naming_the_nodes_still_awaited(tmp_pa
     run(PushPullGrid(3, cfg), cfg)
     lines = [line for line in flwr_log if line.startswith("round 2 train:")]
     # From round 2 on, the nodes' partitions are known from their replies.
-    assert any("1/3 replies" in line and line.count("(partition") == 3 and "waiting for node" in line
-               for line in lines), lines
+    assert any(
+        "1/3 replies" in line and line.count("(partition") == 3 and "waiting for node" in line for line in lines
+    ), lines
     assert any("3/3 replies" in line for line in lines)
 
 
@@ -150,8 +160,11 @@ def test_server_app_main_turns_the_failure_into_one_line_and_a_nonzero_exit(tmp_
 
 def test_duplicate_partition_ids_are_named_in_results_and_log(tmp_path, clock, flwr_log):
     cfg = _cfg(tmp_path, **{"num-server-rounds": 1})
-    nodes = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 0, "num-partitions": 3},
-             {"partition-id": 2, "num-partitions": 3}]
+    nodes = [
+        {"partition-id": 0, "num-partitions": 3},
+        {"partition-id": 0, "num-partitions": 3},
+        {"partition-id": 2, "num-partitions": 3},
+    ]
     run_dir = run(PushPullGrid(3, cfg, node_configs=nodes), cfg)
     assert results.read_rows(run_dir)[0]["duplicate-partition-ids"] == {"0": [1, 2]}
     assert any("nodes 1, 2 all report partition-id 0" in line for line in flwr_log)

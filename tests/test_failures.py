@@ -21,12 +21,20 @@ from anytime_fl.cli import main as cli
 from core.config import ConfigError, validate
 from fedtasks.base import DataError
 from server_app import checkpoint, drift, lock, preflight, results
-from tests.test_pretrain import fake_fmnist  # noqa: F401  (fixture)
 from server_app.app import RunFailed, in_partition_order, main, round_row, run
+from tests.test_pretrain import fake_fmnist  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"backbone-weights": "", "num-server-rounds": 1, "local-epochs": 1, "batch-size": 32, "tiers": "1,2",
-        "fraction-evaluate": 0.0, "personalize-epochs": 0, "min-nodes-timeout": 5}
+TINY = {
+    "backbone-weights": "",
+    "num-server-rounds": 1,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "tiers": "1,2",
+    "fraction-evaluate": 0.0,
+    "personalize-epochs": 0,
+    "min-nodes-timeout": 5,
+}
 NODES = 2
 
 
@@ -41,7 +49,7 @@ class Evil:
 
 
 def _one_line(text: str, *needles: str) -> None:
-    lines = [l for l in text.strip().splitlines() if l.strip()]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
     assert len(lines) == 1, text
     for n in needles:
         assert n in lines[0], (n, lines[0])
@@ -59,8 +67,11 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_unpickled(tmp_path):
     # Today's format, but an object array (np.savez pickles it) where the RNG state goes.
     meta = {"format": checkpoint.FORMAT, "round": 1, "rng": {}}
     with open(tmp_path / checkpoint.NAME, "wb") as fh:
-        np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 **{"r/python": np.array([Evil(marker)], dtype=object), "r/numpy": np.zeros(1), "r/torch": np.zeros(1)})
+        np.savez(
+            fh,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            **{"r/python": np.array([Evil(marker)], dtype=object), "r/numpy": np.zeros(1), "r/torch": np.zeros(1)},
+        )
     with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / checkpoint.NAME)):
         checkpoint.load(tmp_path)
     assert not marker.exists()
@@ -98,9 +109,18 @@ def test_a_live_run_owns_its_folder_and_a_crashed_one_does_not(tmp_path):
     lock.release(fd)
     lock.release(lock.acquire(tmp_path))
     # A holder killed with SIGKILL cannot clean up; the kernel drops its lock.
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from server_app import lock; "
-                              "lock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
-                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from server_app import lock; "
+            "lock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "locked"
     with pytest.raises(ConfigError):
         lock.acquire(tmp_path)
@@ -110,11 +130,14 @@ def test_a_live_run_owns_its_folder_and_a_crashed_one_does_not(tmp_path):
 
 
 # -- the run config, before Flower and before round 1 --------------------------
-@pytest.mark.parametrize("user, key", [
-    ({"tier-assignment": "0.5,0.5"}, "tier-assignment"),  # 2 fractions, 4 tiers
-    ({"val-fraction": 1.0}, "val-fraction"),
-    ({"num-server-round": 3}, "num-server-round"),
-])
+@pytest.mark.parametrize(
+    "user, key",
+    [
+        ({"tier-assignment": "0.5,0.5"}, "tier-assignment"),  # 2 fractions, 4 tiers
+        ({"val-fraction": 1.0}, "val-fraction"),
+        ({"num-server-round": 3}, "num-server-round"),
+    ],
+)
 def test_config_mistakes_name_the_key(user, key):
     with pytest.raises(ConfigError) as err:
         validate(user)
@@ -127,8 +150,20 @@ def test_check_config_gives_the_projects_message_and_merges_presets_with_overrid
     _one_line(capsys.readouterr().err, "num-server-round", "did you mean 'num-server-rounds'")
     merged = tmp_path / "m.toml"
     # The README's offline recipe: a preset plus an override, later wins.
-    assert cli(["check-config", "--run-config", str(ROOT / "presets/cifar100.toml"),
-                "--run-config", "data-dir='/data/cifar100' num-server-rounds=2", "--write", str(merged)]) == 0
+    assert (
+        cli(
+            [
+                "check-config",
+                "--run-config",
+                str(ROOT / "presets/cifar100.toml"),
+                "--run-config",
+                "data-dir='/data/cifar100' num-server-rounds=2",
+                "--write",
+                str(merged),
+            ]
+        )
+        == 0
+    )
     from flwr.common.config import parse_config_args
 
     got = parse_config_args([str(merged)])
@@ -149,8 +184,12 @@ class Nodes:
 def test_min_nodes_stops_after_the_timeout_saying_how_many_came():
     now = [0.0]
     with pytest.raises(ConfigError) as err:
-        preflight.wait_for_nodes(Nodes(4), validate({"min-nodes": 10, "min-nodes-timeout": 30}),
-                                 clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+        preflight.wait_for_nodes(
+            Nodes(4),
+            validate({"min-nodes": 10, "min-nodes-timeout": 30}),
+            clock=lambda: now[0],
+            sleep=lambda s: now.__setitem__(0, now[0] + s),
+        )
     _one_line(str(err.value), "min-nodes", "only 4 of the 10", "30s")
     assert now[0] == pytest.approx(30, abs=1.5)
     assert preflight.wait_for_nodes(Nodes(4), validate({"min-nodes": 3})) == 4
@@ -211,7 +250,9 @@ def test_resume_refuses_model_or_data_drift_and_records_other_changes(fake_grid,
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["lr"] == 1e-3 and saved["num-server-rounds"] == 2
     assert {(c["key"], c["round"], c["before"], c["after"]) for c in saved["changes"]} == {
-        ("lr", 2, 3e-3, 1e-3), ("num-server-rounds", 2, 1, 2)}
+        ("lr", 2, 3e-3, 1e-3),
+        ("num-server-rounds", 2, 1, 2),
+    }
 
 
 def test_drift_keys_are_run_config_keys():
@@ -220,8 +261,16 @@ def test_drift_keys_are_run_config_keys():
 
 
 def test_a_round_counts_the_bytes_of_accepted_updates_only():
-    row = round_row(1, 1.0, {"accuracy": [0.5]}, {"bytes-up": 100, "clients": 1, "dropped": 1}, None, None, [],
-                    {"dense-adapter-bytes": 1, "full-finetune-bytes": 2})
+    row = round_row(
+        1,
+        1.0,
+        {"accuracy": [0.5]},
+        {"bytes-up": 100, "clients": 1, "dropped": 1},
+        None,
+        None,
+        [],
+        {"dense-adapter-bytes": 1, "full-finetune-bytes": 2},
+    )
     assert row["bytes-up"] == 100
 
 
@@ -245,10 +294,15 @@ def test_a_corrupt_backbone_weights_file_is_one_line(tmp_path):
     _one_line(str(err.value), str(bad), "backbone-weights")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--threshold", "-1"], "--threshold"), (["--threshold", "nan"], "--threshold"),
-    (["--threshold", "1.5"], "--threshold"), (["--max-depth", "0"], "--max-depth"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--threshold", "-1"], "--threshold"),
+        (["--threshold", "nan"], "--threshold"),
+        (["--threshold", "1.5"], "--threshold"),
+        (["--max-depth", "0"], "--max-depth"),
+    ],
+)
 def test_predict_refuses_bad_threshold_and_depth(tmp_path, capsys, args, needle):
     assert predict.main([str(tmp_path), str(tmp_path / "x.png"), *args]) == 2
     _one_line(capsys.readouterr().err, needle)
@@ -269,11 +323,41 @@ def test_pretrain_exits_0_and_never_overwrites_without_force(tmp_path, capsys):
 
 def test_pretrain_cli_returns_0_on_success(tmp_path, fake_fmnist):
     out = tmp_path / "w.safetensors"
-    rc = cli(["pretrain", "--out", str(out), "--epochs", "1", "--batch-size", "32", "--train-limit", "64",
-              "--data-dir", str(fake_fmnist)])
+    rc = cli(
+        [
+            "pretrain",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--train-limit",
+            "64",
+            "--data-dir",
+            str(fake_fmnist),
+        ]
+    )
     assert rc == 0 and out.is_file()
-    assert cli(["pretrain", "--out", str(out), "--force", "--epochs", "1", "--batch-size", "32", "--train-limit", "64",
-                "--data-dir", str(fake_fmnist)]) == 0
+    assert (
+        cli(
+            [
+                "pretrain",
+                "--out",
+                str(out),
+                "--force",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--train-limit",
+                "64",
+                "--data-dir",
+                str(fake_fmnist),
+            ]
+        )
+        == 0
+    )
 
 
 def test_partitions_too_many_or_unwritable_out_is_one_line(tmp_path, capsys):
@@ -282,7 +366,6 @@ def test_partitions_too_many_or_unwritable_out_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "s.json").exists()
     assert cli(["partitions", "--num-partitions", "2", "--out", "/proc/anytime-fl-13/s"]) == 2
     _one_line(capsys.readouterr().err, "--out", "/proc/anytime-fl-13")
-
 
 
 def test_a_node_whose_depth_grew_is_sent_every_array_after_it_failed():

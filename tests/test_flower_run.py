@@ -47,17 +47,38 @@ def test_krum_through_flwr_run_keeps_the_attackers_noise_out(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+    }
     out = tmp_path / "out"
     shared = {"tiers": "1,2", "local-epochs": 1, "batch-size": 32}
-    overrides = (f"num-server-rounds=1 fraction-evaluate=0.0 personalize-epochs=0 tiers='1,2' local-epochs=1 batch-size=32 "
-                 f"strategy='flwr:Krum' strategy-args='num_malicious_nodes=1' attack-partitions='0' "
-                 f"output-dir='{out}' run-name='krum'")
+    overrides = (
+        f"num-server-rounds=1 fraction-evaluate=0.0 personalize-epochs=0 tiers='1,2' local-epochs=1 batch-size=32 "
+        f"strategy='flwr:Krum' strategy-args='num_malicious_nodes=1' attack-partitions='0' "
+        f"output-dir='{out}' run-name='krum'"
+    )
     try:
-        proc = subprocess.run([flwr, "run", str(ROOT), "--stream", "--run-config", overrides, "--federation-config",
-                               "num_supernodes=4 client_resources_num_cpus=1 client_resources_num_gpus=0.0 init_args_num_cpus=2"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [
+                flwr,
+                "run",
+                str(ROOT),
+                "--stream",
+                "--run-config",
+                overrides,
+                "--federation-config",
+                "num_supernodes=4 client_resources_num_cpus=1 client_resources_num_gpus=0.0 init_args_num_cpus=2",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         # `flwr run` leaves the local SuperLink it started running.
         for pid in _processes_mentioning(str(home)):

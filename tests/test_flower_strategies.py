@@ -64,8 +64,12 @@ def _rounds(s, rounds, make_replies=_replies):
     return to_numpy(arrays)
 
 
-SAME_RULE = [("flwr:FedAvg", "", "fedavg"), ("flwr:FedAvgM", "server_momentum=0.9", "fedavgm"),
-             ("flwr:FedMedian", "", "median"), ("flwr:FedTrimmedAvg", "beta=0.2", "trimmed-mean")]
+SAME_RULE = [
+    ("flwr:FedAvg", "", "fedavg"),
+    ("flwr:FedAvgM", "server_momentum=0.9", "fedavgm"),
+    ("flwr:FedMedian", "", "median"),
+    ("flwr:FedTrimmedAvg", "beta=0.2", "trimmed-mean"),
+]
 
 
 @pytest.mark.parametrize("spec, args, ours", SAME_RULE)
@@ -129,12 +133,16 @@ def test_sparse_updates_are_decoded_before_the_inner_strategy_sees_them():
 
 @pytest.mark.parametrize("spec", ["flwr:Krum", "flwr:Bulyan", "flwr:FedMedian", "flwr:MultiKrum"])
 def test_robust_flower_rules_keep_a_noisy_client_out(spec):
-    args = {"flwr:FedMedian": "", "flwr:MultiKrum": "num_malicious_nodes=1 num_nodes_to_select=3"}.get(spec, "num_malicious_nodes=1")
+    args = {"flwr:FedMedian": "", "flwr:MultiKrum": "num_malicious_nodes=1 num_nodes_to_select=3"}.get(
+        spec, "num_malicious_nodes=1"
+    )
     noise = np.random.default_rng(0)
 
     def attacked(clients):
         out = _replies(clients)
-        out.append(reply({k: noise.normal(0, 100, v.shape).astype(np.float32) for k, v in GLOBAL.items()}, 10**6, 3, 99))
+        out.append(
+            reply({k: noise.normal(0, 100, v.shape).astype(np.float32) for k, v in GLOBAL.items()}, 10**6, 3, 99)
+        )
         return out
 
     got = _rounds(_build(spec, args), [EQUAL], attacked)
@@ -156,8 +164,11 @@ def test_krum_picks_one_honest_client_per_group():
 
 def test_dp_clipping_is_split_over_groups_so_a_whole_update_stays_within_the_clip():
     c = 0.5
-    s = _build("flwr:DifferentialPrivacyServerSideFixedClipping", f"noise_multiplier=0.0 clipping_norm={c}",
-               **{"strategy-groups": "block"})
+    s = _build(
+        "flwr:DifferentialPrivacyServerSideFixedClipping",
+        f"noise_multiplier=0.0 clipping_norm={c}",
+        **{"strategy-groups": "block"},
+    )
     got = _rounds(s, [EQUAL[:1]])  # one client: the aggregate is its clipped update
     groups = 3
     for name, inner in s.inner.items():
@@ -173,7 +184,9 @@ def test_dp_noise_per_group_is_that_of_one_mechanism_of_the_given_multiplier():
     _rounds(s, [EQUAL])
     for inner in s.inner.values():
         # std = noise_multiplier * clipping_norm / senders, as for the whole update at once
-        assert inner.noise_multiplier * inner.clipping_norm / inner.num_sampled_clients == pytest.approx(z * c / len(EQUAL))
+        assert inner.noise_multiplier * inner.clipping_norm / inner.num_sampled_clients == pytest.approx(
+            z * c / len(EQUAL)
+        )
 
 
 def test_qfedavg_weighs_each_client_by_its_mean_training_loss():
@@ -204,13 +217,23 @@ def test_inner_sampling_does_not_change_which_nodes_we_sample():
     for spec in ("fedavg", "flwr:Krum"):
         random.seed(3)
         s = build_strategy(spec, validate({"strategy": spec, "tiers": "1,2,3", "fraction-train": 0.5}))
-        picks.append([sorted(m.metadata.dst_node_id for m in s.configure_train(r, to_record(GLOBAL), ConfigRecord(), _Grid()))
-                      for r in (1, 2)])
+        picks.append(
+            [
+                sorted(m.metadata.dst_node_id for m in s.configure_train(r, to_record(GLOBAL), ConfigRecord(), _Grid()))
+                for r in (1, 2)
+            ]
+        )
     assert picks[0] == picks[1]
 
 
-@pytest.mark.parametrize("spec, args", [("flwr:FedAvgM", "server_momentum=0.9"), ("flwr:FedAdam", "eta=0.01"),
-                                        ("flwr:DifferentialPrivacyServerSideAdaptiveClipping", "noise_multiplier=0.1")])
+@pytest.mark.parametrize(
+    "spec, args",
+    [
+        ("flwr:FedAvgM", "server_momentum=0.9"),
+        ("flwr:FedAdam", "eta=0.01"),
+        ("flwr:DifferentialPrivacyServerSideAdaptiveClipping", "noise_multiplier=0.1"),
+    ],
+)
 def test_inner_state_survives_a_checkpoint(spec, args, tmp_path):
     running = _build(spec, args)
     _rounds(running, [ROUND1])
@@ -278,12 +301,32 @@ def test_a_users_own_strategy_class_by_import_path():
         ({"strategy": "flwr:Krum", "strategy-args": "num_malicious_nodes"}, "strategy-args", "name=value"),
         ({"strategy": "flwr:FedTrimmedAvg", "strategy-args": "beta=0.7"}, "strategy-args", "beta"),
         ({"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping"}, "strategy-args", "noise_multiplier"),
-        ({"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping", "strategy-args": "noise_multiplier=1 clipping_norm=-1"},
-         "strategy-args", "clipping norm"),
-        ({"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping", "strategy-args": "noise_multiplier=1 clipping_norm=1",
-          "strategy-inner": "flwr:FedAvgX"}, "strategy-inner", "FedAvgX"),
-        ({"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping", "strategy-args": "noise_multiplier=1 clipping_norm=1",
-          "strategy-inner-args": "bogus=1"}, "strategy-inner-args", "bogus"),
+        (
+            {
+                "strategy": "flwr:DifferentialPrivacyServerSideFixedClipping",
+                "strategy-args": "noise_multiplier=1 clipping_norm=-1",
+            },
+            "strategy-args",
+            "clipping norm",
+        ),
+        (
+            {
+                "strategy": "flwr:DifferentialPrivacyServerSideFixedClipping",
+                "strategy-args": "noise_multiplier=1 clipping_norm=1",
+                "strategy-inner": "flwr:FedAvgX",
+            },
+            "strategy-inner",
+            "FedAvgX",
+        ),
+        (
+            {
+                "strategy": "flwr:DifferentialPrivacyServerSideFixedClipping",
+                "strategy-args": "noise_multiplier=1 clipping_norm=1",
+                "strategy-inner-args": "bogus=1",
+            },
+            "strategy-inner-args",
+            "bogus",
+        ),
         ({"strategy-groups": "layer"}, "strategy-groups", "tier"),
         ({"attack-partitions": "0,x"}, "attack-partitions", "partition ids"),
     ],
@@ -298,8 +341,11 @@ def test_a_bad_strategy_name_or_argument_names_its_key(cfg, key, words):
 
 
 def test_a_wrapper_wraps_strategy_inner():
-    s = _build("flwr:DifferentialPrivacyServerSideFixedClipping", "noise_multiplier=0 clipping_norm=1",
-               **{"strategy-inner": "flwr:FedMedian"})
+    s = _build(
+        "flwr:DifferentialPrivacyServerSideFixedClipping",
+        "noise_multiplier=0 clipping_norm=1",
+        **{"strategy-inner": "flwr:FedMedian"},
+    )
     assert isinstance(s, FlowerGroups)
     _rounds(s, [EQUAL])
     assert {type(i.strategy).__name__ for i in s.inner.values()} == {"FedMedian"}

@@ -6,9 +6,9 @@ import torch
 
 from adapters.backbone import BackboneError, frozen_state_digest, load_backbone
 from adapters.model import AnytimeViT
-from core.naming import param_block
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, train_local
+from core.naming import param_block
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import torch
 from adapters.backbone_cache import cached_backbone, load_cached
 from adapters.build import _load_backbone, build_model
 from adapters.vit import PlainViT
-from core.config import validate
 from client_app.tiers import node_cache_dir
-from core.config import ConfigError
+from core.config import ConfigError, validate
 from fedtasks.nodecache import client_datasets, partition_arrays
 from fedtasks.task import load_partition
 from tests.flowerkit import TINY, context, train_message
@@ -87,8 +86,12 @@ def test_cached_partition_holds_the_data_of_the_uncached_path(tmp_path):
 
 def test_changed_data_settings_or_files_are_a_new_entry(tmp_path):
     cfg = validate(TINY)
-    keys = {partition_arrays(cfg, 0, 4, tmp_path)[0], partition_arrays({**cfg, "seed": 7}, 0, 4, tmp_path)[0],
-            partition_arrays(cfg, 1, 4, tmp_path)[0], partition_arrays(cfg, 0, 5, tmp_path)[0]}
+    keys = {
+        partition_arrays(cfg, 0, 4, tmp_path)[0],
+        partition_arrays({**cfg, "seed": 7}, 0, 4, tmp_path)[0],
+        partition_arrays(cfg, 1, 4, tmp_path)[0],
+        partition_arrays(cfg, 0, 5, tmp_path)[0],
+    }
     assert len(keys) == 4
     from fedtasks.nodecache import partition_key
 
@@ -111,9 +114,9 @@ def test_cache_dir_node_config(tmp_path, monkeypatch):
 
 def test_cache_off_and_on_give_the_same_reply(tmp_path):
     from adapters.state import get_state
+    from client_app.app import train
     from core.records import to_numpy
     from runtime.models import model_and_spec
-    from client_app.app import train
 
     state = get_state(model_and_spec(validate(TINY))[0])
     replies = []
@@ -134,11 +137,17 @@ def test_a_message_on_a_filled_cache_imports_no_data_library_nor_timm(tmp_path):
     arrays = tmp_path / "arrays.npz"
     np.savez(arrays, **get_state(model_and_spec(validate({}))[0]))
     (tmp_path / "run.json").write_text(json.dumps({"local-epochs": 1}))
-    (tmp_path / "node.json").write_text(json.dumps({"partition-id": 0, "num-partitions": 20,
-                                                    "cache-dir": str(tmp_path / "cache")}))
+    (tmp_path / "node.json").write_text(
+        json.dumps({"partition-id": 0, "num-partitions": 20, "cache-dir": str(tmp_path / "cache")})
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "bench/coldprobe.py"), str(arrays), str(tmp_path / "run.json"),
-           str(tmp_path / "node.json")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/coldprobe.py"),
+        str(arrays),
+        str(tmp_path / "run.json"),
+        str(tmp_path / "node.json"),
+    ]
     rows = []
     for _ in range(2):
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

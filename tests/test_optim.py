@@ -11,7 +11,11 @@ from adapters.optim import SGD, AdamW, make_optimizer
 
 def _train(make, sometimes_idle: bool):
     torch.manual_seed(0)
-    params = [torch.randn(4, 6, requires_grad=True), torch.randn(6, requires_grad=True), torch.randn(3, requires_grad=True)]
+    params = [
+        torch.randn(4, 6, requires_grad=True),
+        torch.randn(6, requires_grad=True),
+        torch.randn(3, requires_grad=True),
+    ]
     opt = make(params)
     gen = torch.Generator().manual_seed(1)
     for step in range(15):
@@ -26,11 +30,17 @@ def _train(make, sometimes_idle: bool):
 
 
 @pytest.mark.parametrize("sometimes_idle", [False, True])
-@pytest.mark.parametrize("ours, theirs", [
-    (lambda p: AdamW(p, lr=3e-3, weight_decay=1e-4), lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=1e-4)),
-    (lambda p: SGD(p, lr=1e-3, momentum=0.9, weight_decay=1e-4),
-     lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, weight_decay=1e-4)),
-], ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (lambda p: AdamW(p, lr=3e-3, weight_decay=1e-4), lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=1e-4)),
+        (
+            lambda p: SGD(p, lr=1e-3, momentum=0.9, weight_decay=1e-4),
+            lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, weight_decay=1e-4),
+        ),
+    ],
+    ids=["adamw", "sgd"],
+)
 def test_same_bits_as_torch_optim(ours, theirs, sometimes_idle):
     mine, ref = _train(ours, sometimes_idle), _train(theirs, sometimes_idle)
     assert all(torch.equal(a, b) for a, b in zip(mine, ref))

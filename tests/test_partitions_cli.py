@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from anytime_fl.cli import main as cli
-from core.config import validate
-from core.config import parse_run_config
+from core.config import parse_run_config, validate
 from fedtasks.registry import TASKS
 from fedtasks.stats import FILE
 from server_app.results import write_partition_stats
@@ -27,8 +26,19 @@ def test_prints_a_table_and_writes_json_and_csv(femnist_dir, tmp_path, capsys):
     preset = tmp_path / "p.toml"
     preset.write_text('task = "femnist"\nseed = 1\n')
     out = tmp_path / "stats" / "fem"
-    rc = cli(["partitions", "--run-config", str(preset), "--run-config", f"data-dir='{femnist_dir}' seed=2",
-              "--num-partitions", "4", "--out", str(out)])
+    rc = cli(
+        [
+            "partitions",
+            "--run-config",
+            str(preset),
+            "--run-config",
+            f"data-dir='{femnist_dir}' seed=2",
+            "--num-partitions",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "femnist: 4 partitions" in printed and "writer_id" in printed
@@ -43,8 +53,20 @@ def test_prints_a_table_and_writes_json_and_csv(femnist_dir, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line_naming_what(tmp_path, capsys):
-    assert cli(["partitions", "--run-config", f"task='cifar100' data-dir='{tmp_path / 'gone'}'", "--num-partitions", "2",
-                "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli(
+            [
+                "partitions",
+                "--run-config",
+                f"task='cifar100' data-dir='{tmp_path / 'gone'}'",
+                "--num-partitions",
+                "2",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "gone") in capsys.readouterr().err
     assert cli(["partitions", "--run-config", "tsk='femnist'", "--num-partitions", "2"]) == 2
     assert "'tsk'" in capsys.readouterr().err

@@ -8,12 +8,12 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from safetensors.numpy import load_file
 
 import client_app.personalize as personalize_mod
-from core.naming import param_block
 from adapters.state import get_state
+from client_app.app import evaluate_exits
 from core.config import validate
+from core.naming import param_block
 from core.records import to_record
 from runtime.models import model_and_spec
-from client_app.app import evaluate_exits
 from server_app import checkpoint, results
 from server_app.app import run
 from server_app.personalization import FILE, summarize
@@ -23,7 +23,9 @@ RUN = {"backbone-weights": "", "batch-size": 32, "personalize-epochs": 2, "perso
 
 
 def _personalize_message(arrays, node_id=1):
-    content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord({"personalize": True, "server-round": 9})})
+    content = RecordDict(
+        {"arrays": to_record(arrays), "config": ConfigRecord({"personalize": True, "server-round": 9})}
+    )
     return Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
 
 
@@ -45,8 +47,10 @@ def test_personalisation_trains_on_the_client_only_and_lowers_its_training_loss(
     node = {"partition-id": 1, "num-partitions": 4, "max-depth": 3}
     reply = evaluate_exits(_personalize_message(sent), context(node, RUN))
 
-    assert set(personal) and all(k.startswith(("adapters.0.", "adapters.1.", "adapters.2.", "heads.0.", "heads.1.", "heads.2."))
-                                 for k in personal)
+    assert set(personal) and all(
+        k.startswith(("adapters.0.", "adapters.1.", "adapters.2.", "heads.0.", "heads.1.", "heads.2."))
+        for k in personal
+    )
     changed = [k for k in personal if not np.allclose(personal[k], sent[k])]
     assert changed, "fine-tuning did not change the adapters"
     # only metrics go back, and the process's model holds the global weights again
@@ -62,11 +66,19 @@ def test_personalisation_trains_on_the_client_only_and_lowers_its_training_loss(
 
 
 def _reply(depth, before, after, node):
-    metrics = {"depth": depth, "num-examples": 10, "partition-id": node, "train-loss-before": 2.0, "train-loss-after": 1.0}
+    metrics = {
+        "depth": depth,
+        "num-examples": 10,
+        "partition-id": node,
+        "train-loss-before": 2.0,
+        "train-loss-after": 1.0,
+    }
     for i, (b, a) in enumerate(zip(before, after), start=1):
         metrics[f"accuracy-before-{i}"] = b
         metrics[f"accuracy-after-{i}"] = a
-    msg = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=0, message_type=MessageType.EVALUATE)
+    msg = Message(
+        content=RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=0, message_type=MessageType.EVALUATE
+    )
     msg.metadata.__dict__["_src_node_id"] = node
     return msg
 
@@ -85,8 +97,17 @@ def test_summary_gives_mean_and_spread_of_the_gain_per_exit():
 
 
 def test_server_runs_one_personalisation_round_and_keeps_the_global_weights(fake_grid, tmp_path):
-    cfg = {**RUN, "num-server-rounds": 1, "local-epochs": 1, "tiers": "1,2", "fraction-train": 1.0,
-           "fraction-evaluate": 0.0, "personalize-epochs": 1, "output-dir": str(tmp_path), "run-name": "p"}
+    cfg = {
+        **RUN,
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "tiers": "1,2",
+        "fraction-train": 1.0,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 1,
+        "output-dir": str(tmp_path),
+        "run-name": "p",
+    }
     grid = fake_grid(3, cfg)
     run_dir = run(grid, cfg)
     personalize = [d for d in grid.delivered if d["config"].get("personalize")]
@@ -103,8 +124,17 @@ def test_server_runs_one_personalisation_round_and_keeps_the_global_weights(fake
 
 
 def test_no_personalisation_round_when_epochs_is_zero(fake_grid, tmp_path):
-    cfg = {**RUN, "num-server-rounds": 1, "local-epochs": 1, "tiers": "1", "fraction-train": 1.0,
-           "fraction-evaluate": 0.0, "personalize-epochs": 0, "output-dir": str(tmp_path), "run-name": "q"}
+    cfg = {
+        **RUN,
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "tiers": "1",
+        "fraction-train": 1.0,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        "output-dir": str(tmp_path),
+        "run-name": "q",
+    }
     grid = fake_grid(2, cfg)
     run_dir = run(grid, cfg)
     assert not any(d["config"].get("personalize") for d in grid.delivered)

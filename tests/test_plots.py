@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from server_app import plots
-from server_app import results
+from server_app import plots, results
 from server_app.finish import draw_plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -13,21 +12,38 @@ ALL = {"accuracy_per_exit.png", "accuracy_vs_cost.png", "bytes_per_round.png", "
 
 
 def _row(r):
-    return {"round": r, "server": {"accuracy": [0.2 + 0.1 * r, 0.3 + 0.1 * r, 0.35 + 0.1 * r], "loss": [1.0, 0.9, 0.8]},
-            "clients": 2, "bytes-up": 1000 * r, "bytes-down": 3000, "full-finetune-bytes": 10**6}
+    return {
+        "round": r,
+        "server": {"accuracy": [0.2 + 0.1 * r, 0.3 + 0.1 * r, 0.35 + 0.1 * r], "loss": [1.0, 0.9, 0.8]},
+        "clients": 2,
+        "bytes-up": 1000 * r,
+        "bytes-down": 3000,
+        "full-finetune-bytes": 10**6,
+    }
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     for r in (1, 2, 3):
         results.append_row(tmp_path, _row(r))
-    anytime = {"exits": [{"exit": i, "blocks": i, "accuracy": a, "flops": 10**6 * i} for i, a in ((1, 0.5), (2, 0.6), (3, 0.65))],
-               "dynamic": [{"threshold": t, "accuracy": a, "mean-flops": f, "mean-blocks": f / 1e6, "exit-counts": [1, 1, 1]}
-                           for t, a, f in ((0.0, 0.5, 1e6), (0.9, 0.62, 1.5e6), (1.0, 0.65, 3e6))]}
+    anytime = {
+        "exits": [
+            {"exit": i, "blocks": i, "accuracy": a, "flops": 10**6 * i} for i, a in ((1, 0.5), (2, 0.6), (3, 0.65))
+        ],
+        "dynamic": [
+            {"threshold": t, "accuracy": a, "mean-flops": f, "mean-blocks": f / 1e6, "exit-counts": [1, 1, 1]}
+            for t, a, f in ((0.0, 0.5, 1e6), (0.9, 0.62, 1.5e6), (1.0, 0.65, 3e6))
+        ],
+    }
     (tmp_path / plots.ANYTIME).write_text(json.dumps(anytime))
-    pers = {"clients": 2, "epochs": 1, "exits": [
-        {"exit": i, "clients": 2, "gain-mean": g, "gain-std": 0.02, "gain-min": g - 0.03, "gain-max": g + 0.03}
-        for i, g in ((1, 0.1), (2, 0.05), (3, -0.01))]}
+    pers = {
+        "clients": 2,
+        "epochs": 1,
+        "exits": [
+            {"exit": i, "clients": 2, "gain-mean": g, "gain-std": 0.02, "gain-min": g - 0.03, "gain-max": g + 0.03}
+            for i, g in ((1, 0.1), (2, 0.05), (3, -0.01))
+        ],
+    }
     (tmp_path / plots.PERSONALIZATION).write_text(json.dumps(pers))
     return tmp_path
 

@@ -10,11 +10,26 @@ import numpy as np
 import pytest
 
 from adapters.backbone import load_backbone
-from anytime_fl.pretrain import main, pretrain
 from anytime_fl.fashion_mnist import load_fashion_mnist
+from anytime_fl.pretrain import main, pretrain
 
-CARD_KEYS = {"backbone", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "data", "epochs",
-             "batch_size", "lr", "test_accuracy", "seconds", "torch", "timm", "command"}
+CARD_KEYS = {
+    "backbone",
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "data",
+    "epochs",
+    "batch_size",
+    "lr",
+    "test_accuracy",
+    "seconds",
+    "torch",
+    "timm",
+    "command",
+}
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -19,11 +19,18 @@ from server_app.app import run
 from server_app.personalization import FILE as PERSONALIZATION
 
 BASE = {
-    "backbone-weights": "", "num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "tiers": "1,2",
+    "backbone-weights": "",
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "tiers": "1,2",
     # fedavgm keeps server momentum: resuming must restore it, not start it from zero
     "strategy": "fedavgm",
     # half the nodes each round: the sampling RNG must be restored too
-    "fraction-train": 0.5, "fraction-evaluate": 0.5, "min-nodes": 2, "personalize-epochs": 0,
+    "fraction-train": 0.5,
+    "fraction-evaluate": 0.5,
+    "min-nodes": 2,
+    "personalize-epochs": 0,
 }
 NODES = 4
 
@@ -46,7 +53,9 @@ def _assert_same_arrays(a, b):
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
 
 
-def test_resume_after_ctrl_c_ends_at_the_configured_round_and_matches_an_uninterrupted_run(fake_grid, tmp_path, fresh_adapters):
+def test_resume_after_ctrl_c_ends_at_the_configured_round_and_matches_an_uninterrupted_run(
+    fake_grid, tmp_path, fresh_adapters
+):
     cfg = {**BASE, "output-dir": str(tmp_path), "checkpoint-every": 2}
 
     fresh_adapters()
@@ -116,7 +125,9 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tm
     assert checkpoint.load(tmp_path)["round"] == 2
 
 
-def test_ctrl_c_while_checkpointing_then_resume_reruns_that_round_once(fake_grid, tmp_path, monkeypatch, fresh_adapters):
+def test_ctrl_c_while_checkpointing_then_resume_reruns_that_round_once(
+    fake_grid, tmp_path, monkeypatch, fresh_adapters
+):
     cfg = {**BASE, "num-server-rounds": 2, "output-dir": str(tmp_path), "run-name": "r", "checkpoint-every": 1}
     fresh_adapters()
     _boom_on_call(monkeypatch, 2)  # the round-2 checkpoint

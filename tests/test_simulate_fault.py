@@ -25,8 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORTS = (39091, 39092, 39093)
 NODES = 2
 # The shipped backbone: a random one (backbone-weights="") would differ between processes.
-CFG = {"num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "tiers": "1,2",
-       "fraction-evaluate": 0.0, "personalize-epochs": 0, "run-name": "cut"}
+CFG = {
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "tiers": "1,2",
+    "fraction-evaluate": 0.0,
+    "personalize-epochs": 0,
+    "run-name": "cut",
+}
 
 
 def _busy(port: int) -> bool:
@@ -35,8 +42,10 @@ def _busy(port: int) -> bool:
 
 
 def _overrides(cfg: dict) -> str:
-    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in cfg.items())
+    return " ".join(
+        f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in cfg.items()
+    )
 
 
 class Simulation:
@@ -44,9 +53,14 @@ class Simulation:
 
     def __init__(self, env: dict, cfg: dict):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", _overrides(cfg)],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", _overrides(cfg)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
 

@@ -35,14 +35,25 @@ def fake_flwr(tmp_path):
     (bin_dir / "flwr").write_text(FAKE_FLWR)
     (bin_dir / "flwr").chmod(0o755)
     (tmp_path / "status").write_text("finished:completed")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path),
-           "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE": str(tmp_path),
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "PYTHONPATH": str(ROOT),
+    }
     return tmp_path, env
 
 
 def simulate(env, *args, **kw):
-    return subprocess.run(["bash", str(ROOT / "scripts" / "simulate.sh"), *args], env=env, capture_output=True,
-                          text=True, timeout=120, **kw)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "simulate.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
 
 
 def calls(fake):
@@ -55,8 +66,13 @@ def test_the_readme_preset_plus_override_command_runs_one_merged_file(fake_flwr)
     readme = (ROOT / "README.md").read_text()
     # The README's offline recipe, word for word.
     assert """--run-config presets/cifar100.toml --run-config "data-dir='/data/cifar100'\"""" in readme
-    done = simulate({**env, "NUM_SUPERNODES": "100"}, "--run-config", "presets/cifar100.toml",
-                    "--run-config", "data-dir='/data/cifar100'")
+    done = simulate(
+        {**env, "NUM_SUPERNODES": "100"},
+        "--run-config",
+        "presets/cifar100.toml",
+        "--run-config",
+        "data-dir='/data/cifar100'",
+    )
     assert done.returncode == 0, done.stderr
     merged = parse_config_args([str(fake / "merged.toml")])
     assert merged["task"] == "cifar100" and merged["data-dir"] == "/data/cifar100" and merged["pretrained"] is True
@@ -91,8 +107,14 @@ def test_a_failed_run_exits_non_zero_naming_it(fake_flwr):
 
 def test_ctrl_c_stops_the_run_on_the_superlink(fake_flwr):
     fake, env = fake_flwr
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "simulate.sh")], env={**env, "FAKE_LOG_SECONDS": "60"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "simulate.sh")],
+        env={**env, "FAKE_LOG_SECONDS": "60"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 60
     while not any(c.startswith("log 42") for c in calls(fake)) and time.time() < deadline:
         time.sleep(0.2)

@@ -6,9 +6,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from safetensors.numpy import load_file
 
+from client_app.app import app as client_app
 from core.config import validate
 from runtime.models import initial_state
-from client_app.app import app as client_app
 from server_app import results
 from server_app.app import run
 
@@ -16,16 +16,26 @@ from server_app.app import run
 def test_one_simulated_round_changes_the_adapter_weights(tmp_path):
     # run_simulation hands the apps an empty run config, so both sides use the
     # defaults (shipped backbone, digits); the server only shortens the run.
-    overrides = {"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
-                 "personalize-epochs": 0, "output-dir": str(tmp_path), "run-name": "sim"}
+    overrides = {
+        "num-server-rounds": 1,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        "output-dir": str(tmp_path),
+        "run-name": "sim",
+    }
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         run(grid, overrides)
 
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
 
     run_dir = tmp_path / "sim"
     rows = results.read_rows(run_dir)

@@ -91,7 +91,7 @@ def _hand_rule(name, rounds):
                 g[k] = g[k] + np.median(deltas, axis=0)
             elif name == "trimmed-mean":
                 cut = int(0.2 * len(deltas))
-                g[k] = g[k] + np.sort(deltas, axis=0)[cut:len(deltas) - cut].mean(0)
+                g[k] = g[k] + np.sort(deltas, axis=0)[cut : len(deltas) - cut].mean(0)
     return g
 
 
@@ -109,7 +109,9 @@ def test_strategy_matches_its_rule_over_two_rounds_of_mixed_depths(name):
     for k in GLOBAL:
         # Compared as steps from the start: adaptive steps are ~0.01, and
         # Adam and Yogi differ by ~3e-5 on them after two rounds.
-        np.testing.assert_allclose(got[k] - GLOBAL[k], want[k] - GLOBAL[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
+        np.testing.assert_allclose(
+            got[k] - GLOBAL[k], want[k] - GLOBAL[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -138,7 +140,9 @@ def test_fedavg_weights_by_examples_when_counts_differ_widely():
 @pytest.mark.parametrize("name", ["median", "trimmed-mean"])
 def test_robust_strategies_resist_a_client_sending_huge_values(name):
     honest = [(i, 1, 10, i) for i in range(1, 5)]
-    attacker = reply({"adapters.0.w": np.full(3, 1e6, np.float32), "heads.0.w": np.full(2, -1e6, np.float32)}, 10**6, 1, 99)
+    attacker = reply(
+        {"adapters.0.w": np.full(3, 1e6, np.float32), "heads.0.w": np.full(2, -1e6, np.float32)}, 10**6, 1, 99
+    )
     robust, plain = _strategy(name), _strategy("fedavg")
     got = to_numpy(robust.aggregate_train(1, _replies(honest) + [attacker])[0])
     naive = to_numpy(plain.aggregate_train(1, _replies(honest) + [attacker])[0])

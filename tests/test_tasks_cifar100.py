@@ -9,7 +9,6 @@ from fedtasks.base import DataError, InputSpec
 from fedtasks.cifar100 import CLASSES
 from fedtasks.task import get_task, load_partition, load_test, partition_stats
 from tests.task_fixtures import (
-    partitions,
     cfg,
     cifar_dataset,
     clear_caches,
@@ -18,6 +17,7 @@ from tests.task_fixtures import (
     make_cifar_arrow,
     make_cifar_imagefolder,
     make_cifar_parquet,
+    partitions,
     row_keys,
 )
 
@@ -61,7 +61,9 @@ def test_same_seed_same_partitions_other_seed_other(parquet_dir):
 
 def test_smaller_alpha_is_more_skewed(parquet_dir):
     def mean_classes(alpha):
-        return np.mean([r["classes"] for r in partition_stats(cfg("cifar100", parquet_dir, **{"dirichlet-alpha": alpha}), 5)])
+        return np.mean(
+            [r["classes"] for r in partition_stats(cfg("cifar100", parquet_dir, **{"dirichlet-alpha": alpha}), 5)]
+        )
 
     assert validate({})["dirichlet-alpha"] == 0.5
     assert mean_classes(0.05) < mean_classes(100.0)

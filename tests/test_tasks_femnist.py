@@ -7,13 +7,13 @@ from fedtasks.base import DataError, InputSpec
 from fedtasks.femnist import TEST_FRACTION
 from fedtasks.task import get_task, load_partition
 from tests.task_fixtures import (
-    partitions,
     cfg,
     clear_caches,
     fake_hub,
     hf_cache,  # noqa: F401 - fixture
     make_femnist_imagefolder,
     make_femnist_parquet,
+    partitions,
     row_keys,
 )
 

@@ -11,13 +11,13 @@ from fedtasks.base import DataError, InputSpec
 from fedtasks.speechcommands import CLASSES, WORDS
 from fedtasks.task import get_task, load_partition, load_test
 from tests.task_fixtures import (
-    partitions,
     cfg,
     clear_caches,
     fake_hub,
     hf_cache,  # noqa: F401 - fixture
     make_speech_hub_parquet,
     make_speech_wavs,
+    partitions,
     row_keys,
     speech_hub_dataset,
 )
@@ -119,8 +119,12 @@ def test_hub_path_asks_for_v002_and_splits_by_speaker(monkeypatch):
 
     clear_caches()
     rng = np.random.default_rng(0)
-    asked = fake_hub(monkeypatch, DatasetDict({"train": speech_hub_dataset(rng, 3, ("go", "bed"), 2.5),
-                                               "test": speech_hub_dataset(rng, 1, ("go",), 1.0)}))
+    asked = fake_hub(
+        monkeypatch,
+        DatasetDict(
+            {"train": speech_hub_dataset(rng, 3, ("go", "bed"), 2.5), "test": speech_hub_dataset(rng, 1, ("go",), 1.0)}
+        ),
+    )
     c = cfg("speechcommands", "")
     parts = partitions(c, 3)
     assert asked[0] == ("google/speech_commands", "v0.02")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from core.config import ConfigError, validate
 from client_app.tiers import client_depth, tier_of
+from core.config import ConfigError, validate
 
 
 def test_even_tiers_cycle_over_partitions():

@@ -134,8 +134,10 @@ def test_sgd_optimizer_trains(model):
     assert not torch.equal(before, model.heads[0].fc.weight)
 
 
-@pytest.mark.parametrize("key,value", [("optimizer", "adam"), ("lr-schedule", "step"), ("logit-adjust", -1.0),
-                                       ("grad-through-blocks", "maybe")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("optimizer", "adam"), ("lr-schedule", "step"), ("logit-adjust", -1.0), ("grad-through-blocks", "maybe")],
+)
 def test_new_keys_are_validated_by_name(key, value):
     with pytest.raises(ConfigError, match=key):
         validate({key: value})
