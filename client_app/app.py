@@ -12,7 +12,7 @@ from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, label_counts, train_local
 from core.codec import payload_bytes, topk_encode
 from core.config import parse_attackers, validate
-from core.records import to_numpy, to_record
+from core.records import arrays_of, to_numpy, to_record
 from runtime.models import model_and_spec
 
 from .personalize import personalize
@@ -42,7 +42,7 @@ def _setup(msg: Message, context: Context):
         model, spec = model_and_spec(cfg, num_classes, cache)
         datasets = lambda: client_datasets(cfg, spec, pid, n, cache)  # noqa: E731
     depth = client_depth(dict(context.node_config), cfg, model.num_blocks)
-    received = to_numpy(msg.content.array_records["arrays"])
+    received = to_numpy(arrays_of(msg.content))
     names = trainable_names(model, depth)
     missing = [k for k in names if k not in received]
     if missing:

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from adapters.backbone import BackboneError
 from core.config import ConfigError, check_depths, validate
-from core.records import to_numpy, to_record
+from core.records import metrics_or_empty, to_numpy, to_record
 from fedtasks.base import DataError
 from fedtasks.task import load_test
 from runtime.models import initial_state, model_and_spec
@@ -138,8 +138,8 @@ def in_partition_order(replies) -> list:
     resumed run ends with the same weights as an uninterrupted one."""
 
     def key(msg):
-        if not msg.has_error() and "metrics" in msg.content.metric_records:
-            pid = msg.content.metric_records["metrics"].get("partition-id")
+        if not msg.has_error():
+            pid = metrics_or_empty(msg.content).get("partition-id")
             if isinstance(pid, int):
                 return (0, pid)
         return (1, 0)
@@ -164,7 +164,7 @@ def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_met
     for msg in replies:
         if msg.has_error():
             continue
-        m = msg.content.metric_records["metrics"]
+        m = metrics_or_empty(msg.content)
         per_client.append(
             {
                 k: m[k]

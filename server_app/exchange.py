@@ -28,6 +28,8 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.common.logger import log
 
+from core.records import metrics_or_empty
+
 POLL_S = 3.0
 PROGRESS_EVERY_S = 30.0
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -188,7 +190,7 @@ def _note_reply(label: str, reply: Message, node: int, got: int, total: int, pen
     if reply.has_error():
         what = f"{_who(node)} failed ({reply.error.reason[:160]})"
     else:
-        metrics = reply.content.metric_records.get("metrics", {})
+        metrics = metrics_or_empty(reply.content)
         if "partition-id" in metrics:
             _partitions[node] = int(metrics["partition-id"])
         what = f"{_who(node)} replied"
@@ -202,7 +204,7 @@ def duplicate_partitions(replies: Iterable[Message]) -> dict[str, list[int]]:
     for reply in replies:
         if reply.has_error():
             continue
-        metrics = reply.content.metric_records.get("metrics", {})
+        metrics = metrics_or_empty(reply.content)
         if "partition-id" in metrics:
             by_pid.setdefault(int(metrics["partition-id"]), []).append(int(reply.metadata.src_node_id))
     return {str(pid): sorted(nodes) for pid, nodes in sorted(by_pid.items()) if len(nodes) > 1}

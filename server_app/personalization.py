@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from core.naming import param_block
-from core.records import to_record
+from core.records import metrics_or_empty, to_record
 
 FILE = "personalization.json"
 
@@ -52,7 +52,7 @@ def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
             failed += 1
             log(WARNING, "personalisation: node %d failed: %s", node, msg.error.reason)
             continue
-        m = msg.content.metric_records["metrics"]
+        m = metrics_or_empty(msg.content)
         depth = int(m.get("depth", 0))
         client = {
             "partition-id": int(m.get("partition-id", -1)),

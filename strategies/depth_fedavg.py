@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from core.codec import CodecError, decode, is_packed, payload_bytes
 from core.config import parse_tier_names, parse_tiers
 from core.naming import param_block
-from core.records import to_numpy, to_record
+from core.records import arrays_of, metrics_of, metrics_or_empty, to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
 
@@ -200,8 +200,8 @@ class DepthAwareFedAvg(FedAvg):
 
     def check_update(self, content: RecordDict) -> tuple[dict[str, np.ndarray], float, int]:
         """Decode and validate one reply; raises ValueError with the reason."""
-        metrics = content.metric_records.get("metrics")
-        if metrics is None or WEIGHT_KEY not in metrics:
+        metrics = metrics_of(content)
+        if WEIGHT_KEY not in metrics:
             raise ValueError(f"no '{WEIGHT_KEY}' metric")
         weight = metrics[WEIGHT_KEY]
         if not isinstance(weight, (int, float)) or not np.isfinite(weight) or not weight > 0:
@@ -216,10 +216,9 @@ class DepthAwareFedAvg(FedAvg):
         ):
             raise ValueError(f"'depth' must be an integer in 1..{limit}, got {depth!r}")
         depth = int(depth)
-        if "arrays" not in content.array_records:
-            raise ValueError("no 'arrays' record")
+        record = arrays_of(content)
         try:
-            payload = to_numpy(content.array_records["arrays"])
+            payload = to_numpy(record)
         except (TypeError, ValueError) as err:
             raise ValueError(f"unreadable arrays: {err}") from err
         shapes = {k: v.shape for k, v in self.global_arrays.items()}
@@ -252,7 +251,7 @@ class DepthAwareFedAvg(FedAvg):
             except ValueError as err:
                 dropped.append((node, str(err)))
                 continue
-            nbytes = payload_bytes(to_numpy(msg.content.array_records["arrays"]))
+            nbytes = payload_bytes(to_numpy(arrays_of(msg.content)))
             good.append(Update(node, deltas, weight, depth, nbytes, msg.content))
         for node, reason in dropped:
             log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node, reason)
@@ -307,9 +306,9 @@ class DepthAwareFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         good = []
         for m in replies:
-            if m.has_error() or "metrics" not in m.content.metric_records:
+            if m.has_error():
                 continue
-            w = m.content.metric_records["metrics"].get(WEIGHT_KEY)
+            w = metrics_or_empty(m.content).get(WEIGHT_KEY)
             if isinstance(w, (int, float)) and np.isfinite(w) and w >= 0:
                 good.append(m.content)
         return aggregate_partial_metrics(good) if good else None
@@ -324,7 +323,7 @@ def aggregate_partial_metrics(contents: list[RecordDict]) -> MetricRecord:
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
     for content in contents:
-        m = content.metric_records["metrics"]
+        m = metrics_of(content)
         w = float(m[WEIGHT_KEY])
         for key, value in m.items():
             if key in (WEIGHT_KEY, "depth") or not isinstance(value, (int, float)):
@@ -332,5 +331,5 @@ def aggregate_partial_metrics(contents: list[RecordDict]) -> MetricRecord:
             sums[key] += w * float(value)
             weights[key] += w
     out = {k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0}
-    out[WEIGHT_KEY] = sum(float(c.metric_records["metrics"][WEIGHT_KEY]) for c in contents)
+    out[WEIGHT_KEY] = sum(float(metrics_of(c)[WEIGHT_KEY]) for c in contents)
     return MetricRecord(out)

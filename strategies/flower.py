@@ -35,7 +35,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from core.naming import param_block
-from core.records import to_numpy, to_record
+from core.records import metrics_of, to_numpy, to_record
 
 from .depth_fedavg import WEIGHT_KEY, DepthAwareFedAvg, Update
 
@@ -210,7 +210,7 @@ class FlowerGroups(DepthAwareFedAvg):
     def _group_reply(self, u: Update, names: list[str], loss_key: str) -> Message:
         weights = {n: self.global_arrays[n] + u.deltas[n] for n in names}
         metrics = {WEIGHT_KEY: u.weight}
-        m = u.content.metric_records["metrics"]
+        m = metrics_of(u.content)
         losses = [float(v) for k, v in m.items() if k.startswith("train-loss-") and isinstance(v, (int, float))]
         if losses:
             # QFedAvg weighs clients by loss: the mean over the exits the client trained.

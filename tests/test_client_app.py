@@ -54,3 +54,13 @@ def test_evaluate_reports_every_exit_of_the_client(global_state):
     assert {f"accuracy-{i}" for i in range(1, 7)} <= set(m)
     assert "accuracy-7" not in m
     assert all(0.0 <= m[f"accuracy-{i}"] <= 1.0 for i in range(1, 7))
+
+
+def test_the_received_arrays_are_found_under_the_name_the_strategy_gave_them(global_state):
+    # A strategy's `arrayrecord_key` names what it sends; the client takes the one ArrayRecord.
+    msg = train_message(global_state)
+    msg.content["weights"] = msg.content.array_records["arrays"]
+    del msg.content["arrays"]
+    ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": 3}, TINY)
+    sent = to_numpy(train(msg, ctx).content.array_records["arrays"])
+    assert set(sent) == {k for k in global_state if param_block(k) <= 3}

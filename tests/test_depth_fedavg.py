@@ -95,3 +95,27 @@ def test_an_error_reply_written_by_the_superlink_names_the_dead_node():
     ok = reply({"adapters.0.w": np.ones(2, np.float32)}, 10, 1, 31)
     s.aggregate_train(1, [ok, err])
     assert s.last_round["dropped-nodes"] == [32]
+
+
+def test_records_are_read_whatever_their_names_as_flowers_strategies_read_them():
+    # A reply whose one ArrayRecord and one MetricRecord carry other names
+    # (the names are the sender's to choose) aggregates like one named as usual.
+    delta = {"adapters.0.w": np.array([2.0, 2.0], np.float32), "heads.0.w": np.array([1.0, 1.0], np.float32)}
+    usual = reply(delta, 10, 1, 11)
+    renamed = reply(delta, 10, 1, 11)
+    content = renamed.content
+    content["weights"] = content.array_records["arrays"]
+    content["stats"] = content.metric_records["metrics"]
+    del content["arrays"], content["metrics"]
+    a, _ = _strategy().aggregate_train(1, [usual])
+    b, _ = _strategy().aggregate_train(1, [renamed])
+    assert all(np.array_equal(to_numpy(a)[k], to_numpy(b)[k]) for k in GLOBAL)
+
+
+def test_a_reply_with_two_array_records_is_dropped_naming_them():
+    bad = reply({"adapters.0.w": np.array([2.0, 2.0], np.float32)}, 10, 1, 11)
+    bad.content["extra"] = to_record({"x": np.zeros(1, np.float32)})
+    s = _strategy()
+    arrays, _ = s.aggregate_train(1, [bad])
+    assert arrays is None
+    assert "expected one array record, found 2" in s.last_round["dropped-reasons"][0]
