@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -106,11 +107,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+# key=word (an unquoted word) as key='word': benchmark command lines, unlike
+# `flwr run`, take bare strings such as optimizer=sgd.
+_BARE = re.compile(r"(?<![\w'\"])([\w-]+)=([A-Za-z_][^\s'\"]*)")
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """--run-config values as `flwr run` reads them (TOML files and/or "key=value ...")."""
+    """--run-config values as `flwr run` reads them (TOML files and/or "key=value ..."), bare words as strings."""
     from core.config import ConfigError, parse_run_config
 
+    quoted = [
+        i if i.endswith(".toml") else _BARE.sub(lambda m: m[0] if m[2] in ("true", "false") else f"{m[1]}='{m[2]}'", i)
+        for i in items
+    ]
     try:
-        return parse_run_config(items)
+        return parse_run_config(quoted)
     except ConfigError as err:
         raise SystemExit(str(err)) from None
