@@ -33,7 +33,8 @@ from benchkit import RESULTS, Report, parse_overrides
 from torch.utils.data import ConcatDataset, DataLoader
 
 from adapters.build import build_model
-from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior, make_optimizer, round_lr
+from adapters.optim import make_optimizer
+from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior, round_lr
 from core.config import validate
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
@@ -69,8 +70,7 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
     loader = DataLoader(train, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
     model.train()
     for epoch in range(1, passes + 1):
-        for g in opt.param_groups:
-            g["lr"] = round_lr(cfg["lr"], cfg["lr-schedule"], epoch, passes)
+        opt.lr = round_lr(cfg["lr"], cfg["lr-schedule"], epoch, passes)
         for x, y in loader:
             total, _ = exit_losses(model(x, depth=depth, block_grad=s.block_grad), y, s, prior)
             opt.zero_grad(set_to_none=True)

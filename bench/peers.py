@@ -49,7 +49,7 @@ from benchkit import RESULTS, Report, parse_overrides, table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adapters.training import make_optimizer
+from adapters.optim import make_optimizer
 from core.codec import payload_bytes
 from core.config import parse_tiers, validate
 from fedtasks.task import load_partition, load_test
