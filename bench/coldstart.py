@@ -42,8 +42,12 @@ NODE = {"partition-id": 0, "num-partitions": 20}
 
 def server_arrays(tree: Path, out: Path) -> None:
     """The global adapter state the server sends in round 1, built by `tree`."""
+    # Trees from before the layered layout keep these modules in anytime_fl/.
+    config, models = (
+        ("core.config", "runtime.models") if (tree / "core").is_dir() else ("anytime_fl.config", "anytime_fl.runtime")
+    )
     code = (
-        "import sys, numpy as np; from core.config import validate; from runtime.models import initial_state;"
+        f"import sys, numpy as np; from {config} import validate; from {models} import initial_state;"
         f"np.savez(sys.argv[1], **initial_state(validate({RUN_CONFIG!r})))"
     )
     subprocess.run(
