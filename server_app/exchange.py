@@ -53,6 +53,16 @@ def _who(node: int) -> str:
     return f"node {node}" + (f" (partition {pid})" if pid is not None else "")
 
 
+SHOWN_WAITING = 5
+
+
+def _whom(pending) -> str:
+    """The nodes still awaited; a long list is cut, so a line stays one line."""
+    nodes = sorted(pending)
+    shown = ", ".join(_who(n) for n in nodes[:SHOWN_WAITING])
+    return shown + (f" and {len(nodes) - SHOWN_WAITING} more" if len(nodes) > SHOWN_WAITING else "")
+
+
 class _Retry:
     """Calls that fail are retried with growing waits until `patience` runs out."""
 
@@ -132,7 +142,7 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
                 len(replies),
                 total,
                 timeout,
-                ", ".join(_who(n) for n in sorted(pending.values())),
+                _whom(pending.values()),
             )
             break
         if now - last_note >= PROGRESS_EVERY_S:
@@ -144,7 +154,7 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
                 len(replies),
                 total,
                 now - start,
-                ", ".join(_who(n) for n in sorted(pending.values())),
+                _whom(pending.values()),
             )
         _sleep(min(POLL_S, max(0.0, start + timeout - now)))
     return replies
@@ -194,7 +204,7 @@ def _note_reply(label: str, reply: Message, node: int, got: int, total: int, pen
         if "partition-id" in metrics:
             _partitions[node] = int(metrics["partition-id"])
         what = f"{_who(node)} replied"
-    waiting = ", waiting for " + ", ".join(_who(n) for n in sorted(pending.values())) if pending else ""
+    waiting = ", waiting for " + _whom(pending.values()) if pending else ""
     log(INFO, "%s: %d/%d replies (%s)%s", label, got, total, what, waiting)
 
 

@@ -180,3 +180,11 @@ def test_error_replies_are_not_counted_as_partitions():
     ok = Message(RecordDict({"metrics": MetricRecord({"partition-id": 0})}), reply_to=sent)
     err = Message(Error(code=0, reason="boom"), reply_to=sent)
     assert duplicate_partitions([ok, err]) == {}
+
+
+def test_a_long_list_of_awaited_nodes_is_cut_to_one_short_line():
+    from server_app import exchange
+
+    line = exchange._whom(range(1, 21))
+    assert line.count("node ") == exchange.SHOWN_WAITING and line.endswith("and 15 more")
+    assert exchange._whom([7]) == "node 7"
