@@ -14,27 +14,43 @@ from __future__ import annotations
 import torch
 
 
-class AdamW:
+class _Foreach:
+    """What both optimisers share: the parameters, zero_grad, and which of
+    them have a gradient this step (torch.optim skips the others)."""
+
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        self.lr = float(lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def _live(self) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        return live, params, [p.grad for p in params]
+
+
+class AdamW(_Foreach):
     """torch.optim.AdamW(params, lr, weight_decay=..., foreach=True), no amsgrad."""
 
     def __init__(self, params, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, self.weight_decay, self.eps = float(lr), float(weight_decay), float(eps)
+        super().__init__(params, lr)
+        self.weight_decay, self.eps = float(weight_decay), float(eps)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.steps = [0] * len(self.params)  # per parameter: one without a gradient does not step
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        _zero_grad(self.params, set_to_none)
-
     @torch.no_grad()
     def step(self) -> None:
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        live, params, grads = self._live()
         if not live:
             return
-        params = [self.params[i] for i in live]
-        grads = [p.grad for p in params]
         m = [self.exp_avg[i] for i in live]
         v = [self.exp_avg_sq[i] for i in live]
         for i in live:
@@ -51,24 +67,19 @@ class AdamW:
         torch._foreach_addcdiv_(params, m, denom, [-self.lr / (1 - self.beta1**s) for s in steps])
 
 
-class SGD:
+class SGD(_Foreach):
     """torch.optim.SGD(params, lr, momentum=..., weight_decay=..., foreach=True)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
-        self.params = list(params)
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        super().__init__(params, lr)
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        _zero_grad(self.params, set_to_none)
 
     @torch.no_grad()
     def step(self) -> None:
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        live, params, grads = self._live()
         if not live:
             return
-        params = [self.params[i] for i in live]
-        grads = [p.grad for p in params]
         if self.weight_decay != 0:
             grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         if self.momentum != 0:
@@ -84,14 +95,6 @@ class SGD:
                 torch._foreach_add_(bufs, grads)
             grads = [self.buffers[i] for i in live]
         torch._foreach_add_(params, grads, alpha=-self.lr)
-
-
-def _zero_grad(params, set_to_none: bool) -> None:
-    for p in params:
-        if set_to_none:
-            p.grad = None
-        elif p.grad is not None:
-            p.grad.zero_()
 
 
 def make_optimizer(params: list, name: str, lr: float, weight_decay: float):
