@@ -60,14 +60,19 @@ def build_model(
     # the server's initial state and reproducibility.
     with torch.random.fork_rng():
         torch.manual_seed(cfg["seed"] if seed is None else seed)
-        return AnytimeViT(
-            backbone,
-            num_classes,
-            width=cfg["adapter-width"],
-            heads=cfg["adapter-heads"],
-            mlp_ratio=cfg["adapter-mlp-ratio"],
-            shared_adapter=cfg["shared-adapter"],
-        )
+        return with_adapters(backbone, num_classes, cfg)
+
+
+def with_adapters(backbone, num_classes: int, cfg: dict[str, Any]) -> AnytimeViT:
+    """The AnytimeViT of a backbone with the run config's adapter settings."""
+    return AnytimeViT(
+        backbone,
+        num_classes,
+        width=cfg["adapter-width"],
+        heads=cfg["adapter-heads"],
+        mlp_ratio=cfg["adapter-mlp-ratio"],
+        shared_adapter=cfg["shared-adapter"],
+    )
 
 
 def _load_backbone(name: str, **kwargs):

@@ -29,8 +29,8 @@ import torch
 from benchkit import RESULTS, Report, human_bytes, parse_overrides, table
 
 from adapters.backbone import load_backbone
+from adapters.build import with_adapters
 from adapters.compat import import_timm
-from adapters.model import AnytimeViT
 from adapters.state import get_state, trainable_names
 from core.codec import payload_bytes, topk_encode
 from core.config import ConfigError, validate
@@ -88,14 +88,7 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
     del full, model, full_params, delta
 
     backbone = load_backbone(name)
-    model = AnytimeViT(
-        backbone,
-        num_classes,
-        width=cfg["adapter-width"],
-        heads=cfg["adapter-heads"],
-        mlp_ratio=cfg["adapter-mlp-ratio"],
-        shared_adapter=cfg["shared-adapter"],
-    )
+    model = with_adapters(backbone, num_classes, cfg)
     for depth in tiers:
         names = trainable_names(model, depth)
         named = dict(model.trainable_named_parameters())

@@ -323,41 +323,10 @@ def test_pretrain_exits_0_and_never_overwrites_without_force(tmp_path, capsys):
 
 def test_pretrain_cli_returns_0_on_success(tmp_path, fake_fmnist):
     out = tmp_path / "w.safetensors"
-    rc = cli(
-        [
-            "pretrain",
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--train-limit",
-            "64",
-            "--data-dir",
-            str(fake_fmnist),
-        ]
-    )
-    assert rc == 0 and out.is_file()
-    assert (
-        cli(
-            [
-                "pretrain",
-                "--out",
-                str(out),
-                "--force",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "32",
-                "--train-limit",
-                "64",
-                "--data-dir",
-                str(fake_fmnist),
-            ]
-        )
-        == 0
-    )
+    args = ["--out", str(out), "--epochs", "1", "--batch-size", "32", "--train-limit", "64"]
+    args += ["--data-dir", str(fake_fmnist)]
+    assert cli(["pretrain", *args]) == 0 and out.is_file()
+    assert cli(["pretrain", *args, "--force"]) == 0
 
 
 def test_partitions_too_many_or_unwritable_out_is_one_line(tmp_path, capsys):
