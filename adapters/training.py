@@ -34,6 +34,7 @@ class TrainSettings:
     logit_adjust: float = 0.0  # tau of logit adjustment by the client's label prior (0 = off)
     class_counts: torch.Tensor | None = None  # the client's training label counts
     block_grad: bool = True  # False: the frozen blocks build no graph (gradient stops there)
+    train_heads: bool = True  # False: only the adapters train (the heads are fitted in closed form)
 
     @classmethod
     def from_config(
@@ -57,7 +58,7 @@ class TrainSettings:
             )
             return cls(**values)
         values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
-        return cls(**values, prox_mu=prox_mu, class_counts=class_counts)
+        return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=cfg["heads"] != "ridge")
 
 
 def label_counts(ds, num_classes: int) -> torch.Tensor:
@@ -114,6 +115,10 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
     # weight decay (and FedProx's term) though the client never trains it.
     mine = set(trainable_names(model, depth))
+    if not s.train_heads:
+        # Local cross-entropy on a client's skewed labels would pull closed-form heads
+        # towards its own classes; the server refits them instead.
+        mine = {n for n in mine if not n.startswith("heads.")}
     params = [p for n, p in model.trainable_named_parameters() if p.requires_grad and n in mine]
     opt = make_optimizer(params, s.optimizer, s.lr, s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None

@@ -31,6 +31,7 @@ headers plus names), summed over the run.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from core.config import ConfigError, validate
 from fedtasks.base import DataError
 from fedtasks.task import get_task, load_partition, load_test
 from runtime.models import model_and_spec
-from server_app import results
+from server_app import head_fit, results
 from server_app.app import run
 from tests.localgrid import LocalGrid
 
@@ -206,6 +207,8 @@ def ours(cfg: dict, lr: float, nodes: int, rounds: int, val_only: bool = False) 
         run_cfg.update({"output-dir": tmp, "run-name": "bench"})
         run_dir = run(LocalGrid(nodes, run_cfg), run_cfg)
         rows = results.read_rows(run_dir)
+        fits = run_dir / head_fit.FILE
+        fits = json.loads(fits.read_text())["fits"] if fits.is_file() else []
         from safetensors.numpy import load_file
 
         arrays = load_file(str(run_dir / results.WEIGHTS))
@@ -221,7 +224,9 @@ def ours(cfg: dict, lr: float, nodes: int, rounds: int, val_only: bool = False) 
             {
                 "accuracy": rows[-1]["server"]["accuracy"],
                 "curve": [r["server"]["accuracy"] for r in rows],
-                "bytes-up-total": sum(r["bytes-up"] for r in rows),
+                # the closed-form head fits' statistics count as bytes sent too
+                "bytes-up-total": sum(r["bytes-up"] for r in rows) + sum(f["bytes-up"] for f in fits),
+                "head-fit-bytes-up-total": sum(f["bytes-up"] for f in fits),
                 "bytes-per-client-round": float(np.mean(per_client)),
                 "sampled": sampled,
                 "trained-params": int(sum(a.size for a in arrays.values())),

@@ -17,7 +17,10 @@ experiment, so an interrupted sweep keeps what it measured.
 An experiment is NAME:OVERRIDES, OVERRIDES being space-separated
 KEY=VALUE run-config keys; the word `central` makes it central training,
 the word `heads` trains only the 12 exit heads on the frozen blocks' CLS
-features (a cheap proxy of the heads' share of the gap).
+features (a cheap proxy of the heads' share of the gap). Central training
+fits the heads in closed form before and after training as the federation
+does (and trains only the adapters with `heads=ridge`), unless the
+experiment sets `heads=trained`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from benchkit import RESULTS, Report, parse_overrides
 from torch.utils.data import ConcatDataset, DataLoader
 
 from adapters.build import build_model
+from adapters.head_fit import exit_statistics, solve_heads
 from adapters.optim import make_optimizer
+from adapters.state import set_state
 from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior, round_lr
 from core.config import validate
 from fedtasks.task import load_partition, load_test
@@ -61,13 +66,15 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
         logit_adjust=cfg["logit-adjust"],
         block_grad=cfg["grad-through-blocks"],
     )
-    params = [p for _, p in model.trainable_named_parameters()]
+    params = [p for n, p in model.trainable_named_parameters() if cfg["heads"] != "ridge" or not n.startswith("heads.")]
     opt = make_optimizer(params, cfg["optimizer"], cfg["lr"], cfg["weight-decay"])
     prior = None
     if cfg["logit-adjust"] > 0:
         prior = logit_prior(sum(label_counts(tr, model.num_classes) for tr, _ in parts), cfg["logit-adjust"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     loader = DataLoader(train, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
+    if cfg["heads"] != "trained":
+        ridge_heads(model, train, depth, cfg)
     model.train()
     for epoch in range(1, passes + 1):
         opt.lr = round_lr(cfg["lr"], cfg["lr-schedule"], epoch, passes)
@@ -76,6 +83,8 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
+    if cfg["heads"] != "trained" and cfg["head-refit-every"] > 0:
+        ridge_heads(model, train, depth, cfg)
     bs = cfg["eval-batch-size"]
     val_acc = evaluate(model, DataLoader(val, batch_size=bs), depth)["accuracy"]
     test_acc = evaluate(model, DataLoader(load_test(cfg, spec), batch_size=bs), depth)["accuracy"]
@@ -85,6 +94,12 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
         "accuracy": test_acc,
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def ridge_heads(model, train, depth: int, cfg: dict) -> None:
+    """The closed-form heads of the run config, fitted on the whole training set (central)."""
+    sums, n = exit_statistics(model, DataLoader(train, batch_size=cfg["eval-batch-size"]), depth)
+    set_state(model, solve_heads(sums, {i: n for i in range(depth)}, cfg["ridge-lambda"], cfg["ridge-scale"]))
 
 
 def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -> dict:

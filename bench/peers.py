@@ -35,6 +35,7 @@ separated).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from accuracy import FinalHead, build_baseline, device_of, sampled_nodes
 from benchkit import RESULTS, Report, parse_overrides, table
+from flwr.app import MessageType
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -54,7 +56,7 @@ from core.codec import payload_bytes
 from core.config import parse_tiers, validate
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
-from server_app import results
+from server_app import head_fit, results
 from server_app.app import run
 from tests.localgrid import LocalGrid
 
@@ -95,7 +97,7 @@ class TimedGrid(LocalGrid):
             reply = super().send_and_receive([msg], timeout=timeout)[0]
             if reply.has_content() and "metrics" in reply.content.metric_records:
                 m = reply.content.metric_records["metrics"]
-                if "bytes-up" in m:  # a training reply
+                if msg.metadata.message_type == MessageType.TRAIN:
                     self.train_seconds[int(m["depth"])].append(time.perf_counter() - t)
             out.append(reply)
         return out
@@ -108,10 +110,15 @@ def run_ours(cfg: dict, nodes: int, rounds: int) -> dict:
         run_cfg.update({"output-dir": tmp, "run-name": "peers"})
         run_dir = run(grid, run_cfg)
         rows = results.read_rows(run_dir)
+        fits = run_dir / head_fit.FILE
+        fits = json.loads(fits.read_text())["fits"] if fits.is_file() else []
     per_client = [c["bytes-up"] for r in rows for c in r["per-client"]]
     return {
         "curve": [r["server"]["accuracy"] for r in rows],
-        "bytes-up-total": sum(r["bytes-up"] for r in rows),
+        # the closed-form head fits' statistics are bytes sent too
+        "bytes-up-total": sum(r["bytes-up"] for r in rows) + sum(f["bytes-up"] for f in fits),
+        "head-fit-bytes-up-total": sum(f["bytes-up"] for f in fits),
+        "head-fit-accuracy": fits[0]["server"]["accuracy"] if fits and "server" in fits[0] else None,
         "bytes-per-client-round": float(np.mean(per_client)),
         "sampled": [sorted(c["partition-id"] for c in r["per-client"]) for r in rows],
         "train-seconds-by-depth": {d: float(np.mean(v)) for d, v in sorted(grid.train_seconds.items())},
@@ -324,6 +331,10 @@ def main(argv=None) -> int:
             "lr-schedule",
             "logit-adjust",
             "grad-through-blocks",
+            "heads",
+            "head-refit-every",
+            "ridge-lambda",
+            "ridge-scale",
             "dirichlet-alpha",
             "seed",
         )

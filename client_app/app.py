@@ -103,6 +103,37 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def head_statistics(msg: Message, context: Context) -> Message:
+    """The sums a ridge-regression fit of exit heads 1..depth needs, over this node's training split.
+
+    Asked for before round 1 and every `head-refit-every` rounds unless `heads` is "trained"
+    (server_app/head_fit.py).
+    """
+    from adapters.head_fit import exit_statistics
+
+    cfg, model, datasets, depth, pid, received = _setup(msg, context)
+    train_ds, _ = datasets()
+    if len(train_ds) == 0:
+        raise ValueError(f"partition {pid} has no training examples")
+    sums, seen = exit_statistics(model, DataLoader(train_ds, batch_size=cfg["eval-batch-size"]), depth)
+    if pid in parse_attackers(cfg):
+        # An attacker poisons its statistics too: their sum has no robust rule (docs/strategies.md).
+        rng = np.random.default_rng(
+            [cfg["seed"], pid, int(msg.content.config_records["config"].get("server-round", 0))]
+        )
+        sums = {k: rng.normal(0.0, cfg["attack-noise-std"], v.shape) for k, v in sums.items()}
+    metrics = {
+        "num-examples": seen,
+        "depth": depth,
+        "partition-id": pid,
+        "bytes-up": payload_bytes(sums),
+        "bytes-down": payload_bytes(received),
+    }
+    content = RecordDict({"arrays": to_record(sums), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_exits(msg: Message, context: Context) -> Message:
     cfg, model, datasets, depth, pid, _ = _setup(msg, context)

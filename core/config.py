@@ -242,6 +242,37 @@ KEYS: tuple[Key, ...] = (
         ),
         Key("weight-decay", 1e-4, "Weight decay of the local optimiser.", _non_negative, setting="weight_decay"),
         Key(
+            "heads",
+            "ridge",
+            "How the exit heads learn: 'ridge' fits each exit's linear layer in closed form (ridge regression on "
+            "the clients' summed feature statistics, exact whatever the label skew) before round 1 and every "
+            "head-refit-every rounds, and clients train only the adapters; 'ridge-init' fits them the same way "
+            "and clients also train them; 'trained' starts them at random and clients train them (the paper's "
+            "method). See docs/benchmarks.md.",
+            choices=("ridge", "ridge-init", "trained"),
+        ),
+        Key(
+            "head-refit-every",
+            5,
+            "With heads 'ridge' or 'ridge-init': fit the heads again on the trained adapters' features after "
+            "every N-th round and after the last (0 = only before round 1); each fit is one more exchange of "
+            "the nodes' feature statistics.",
+            _non_negative,
+        ),
+        Key(
+            "ridge-lambda",
+            1e-6,
+            "Ridge penalty of the closed-form heads, relative to the mean feature outer product.",
+            _positive,
+        ),
+        Key(
+            "ridge-scale",
+            12.0,
+            "Logit scale of ridge-fitted heads: the regression's 0..1 scores times this (softmax confidence for "
+            "early exit, cross-entropy for further training).",
+            _positive,
+        ),
+        Key(
             "logit-adjust",
             0.0,
             "Label-skew correction in local training: each exit's logits get + tau * log(client's label "
@@ -492,6 +523,13 @@ def _check_together(cfg: dict[str, Any]) -> None:
                 f"has {len(fractions)} fractions for {len(tiers)} tiers (tiers={cfg['tiers']!r}): give one per tier",
             )
     parse_tier_names(cfg)
+    dp = [k for k in ("strategy", "strategy-inner") if "DifferentialPrivacy" in str(cfg[k])]
+    if cfg["heads"] != "trained" and dp:
+        raise ConfigError(
+            "heads",
+            f"{cfg['heads']!r} sends each client's feature statistics unclipped and without noise, outside the "
+            f'differential privacy of {dp[0]} {cfg[dp[0]]!r}: set heads = "trained"',
+        )
 
 
 def parse_tiers(cfg: dict[str, Any]) -> list[int]:

@@ -23,7 +23,7 @@ from fedtasks.task import load_test
 from runtime.models import initial_state, model_and_spec
 from strategies.registry import build_strategy
 
-from . import checkpoint, lock, preflight, results
+from . import checkpoint, head_fit, lock, preflight, results
 from .evaluation import ServerEvaluator
 from .exchange import Exchange, SuperLinkUnavailable, duplicate_partitions, warn_duplicates
 from .finish import finish_run
@@ -97,6 +97,16 @@ def run(grid: Grid, user_cfg: dict) -> Path:
 
     num_rounds = cfg["num-server-rounds"]
     send = Exchange(grid, cfg, run_dir)
+    if resumed is None and head_fit.due(cfg, 0):
+        arrays, fit = head_fit.fit_heads(grid, send, arrays, cfg, 0)
+        if fit is not None:
+            fit["server"] = evaluator(arrays)
+            head_fit.record(run_dir, fit, cfg)
+            log(
+                INFO,
+                "after the head fit | test acc per exit: %s",
+                " ".join(f"{a:.2f}" for a in fit["server"]["accuracy"]),
+            )
     for server_round in range(start, num_rounds + 1):
         t0 = time.time()
         record = to_record(arrays)
@@ -108,6 +118,11 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         if new_record is not None:
             arrays = to_numpy(new_record)
         stats = dict(strategy.last_round)
+        refit = None
+        if head_fit.due(cfg, server_round):
+            arrays, refit = head_fit.fit_heads(grid, send, arrays, cfg, server_round)
+            if refit is not None:
+                head_fit.record(run_dir, refit, cfg)
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
             eval_replies = send(
@@ -118,6 +133,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         server_eval = evaluator(arrays)
         row = round_row(server_round, time.time() - t0, server_eval, stats, train_metrics, eval_metrics, replies, sizes)
         row["duplicate-partition-ids"] = duplicate_partitions(replies)
+        row["head-fit-bytes-up"] = refit["bytes-up"] if refit is not None else 0
         warn_duplicates(f"round {server_round}", row["duplicate-partition-ids"])
         results.append_row(run_dir, row)
         log(INFO, format_round(row, num_rounds))

@@ -23,9 +23,13 @@ def ensure_task_identity() -> None:
 
 class LocalGrid:
     def __init__(self, num_nodes: int, run_config: dict, node_configs: list[dict] | None = None):
-        from client_app.app import evaluate_exits, train
+        from client_app.app import evaluate_exits, head_statistics, train
 
-        self.handlers = {MessageType.TRAIN: train, MessageType.EVALUATE: evaluate_exits}
+        self.handlers = {
+            MessageType.TRAIN: train,
+            MessageType.EVALUATE: evaluate_exits,
+            MessageType.QUERY: head_statistics,
+        }
         self.node_ids = list(range(1, num_nodes + 1))
         node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts = {
