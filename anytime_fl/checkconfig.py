@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, validate
+from core.config import ConfigError, check_heads_privacy, validate
 
 
 def toml_value(value) -> str:
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         user = parse_run_config(args.run_config)
         cfg = validate(user)
+        check_heads_privacy(cfg)
         if args.num_nodes is not None and cfg["min-nodes"] > args.num_nodes:
             raise ConfigError(
                 "min-nodes",

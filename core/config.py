@@ -523,6 +523,14 @@ def _check_together(cfg: dict[str, Any]) -> None:
                 f"has {len(fractions)} fractions for {len(tiers)} tiers (tiers={cfg['tiers']!r}): give one per tier",
             )
     parse_tier_names(cfg)
+
+
+def check_heads_privacy(cfg: dict[str, Any]) -> None:
+    """Closed-form heads and a differential-privacy strategy do not go together.
+
+    Checked once the strategy itself is known to be valid (its own errors
+    name its keys first).
+    """
     dp = [k for k in ("strategy", "strategy-inner") if "DifferentialPrivacy" in str(cfg[k])]
     if cfg["heads"] != "trained" and dp:
         raise ConfigError(

@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from adapters.backbone import BackboneError
-from core.config import ConfigError, check_depths, validate
+from core.config import ConfigError, check_depths, check_heads_privacy, validate
 from core.records import metrics_or_empty, to_numpy, to_record
 from fedtasks.base import DataError
 from fedtasks.task import load_test
@@ -60,6 +60,7 @@ def main(grid: Grid, context: Context) -> None:
 def run(grid: Grid, user_cfg: dict) -> Path:
     cfg = validate(user_cfg)
     strategy = build_strategy(cfg["strategy"], cfg)  # a bad name or argument stops here, before round 1
+    check_heads_privacy(cfg)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, spec = model_and_spec(cfg)
     check_depths(cfg, model.num_blocks)

@@ -55,9 +55,11 @@ def test_krum_through_flwr_run_keeps_the_attackers_noise_out(tmp_path):
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
     }
     out = tmp_path / "out"
-    shared = {"tiers": "1,2", "local-epochs": 1, "batch-size": 32}
+    # heads trained by the clients: Krum guards updates, not the closed-form fit's statistics
+    shared = {"tiers": "1,2", "local-epochs": 1, "batch-size": 32, "heads": "trained"}
     overrides = (
         f"num-server-rounds=1 fraction-evaluate=0.0 personalize-epochs=0 tiers='1,2' local-epochs=1 batch-size=32 "
+        f"heads='trained' "
         f"strategy='flwr:Krum' strategy-args='num_malicious_nodes=1' attack-partitions='0' "
         f"output-dir='{out}' run-name='krum'"
     )

@@ -13,10 +13,11 @@ from adapters.backbone import load_backbone
 from adapters.head_fit import GRAM, exit_statistics, solve_heads, stat_name
 from adapters.model import AnytimeViT
 from adapters.state import get_state, set_state
-from core.config import ConfigError, validate
+from core.config import ConfigError, check_heads_privacy, validate
 from runtime.models import initial_state
 from server_app import head_fit, results
 from server_app.app import run
+from tests.localgrid import LocalGrid
 
 CLASSES = 4
 
@@ -193,10 +194,14 @@ def test_a_failing_node_is_left_out_of_the_fit(fake_grid, tmp_path, monkeypatch)
     assert fit["clients"] == 2 and fit["failed"] == 1
 
 
-def test_ridge_with_a_differential_privacy_strategy_is_refused_by_name():
+def test_ridge_with_a_differential_privacy_strategy_is_refused_by_name(tmp_path):
+    dp = {"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping", "strategy-args": "noise_multiplier=0.1"}
     with pytest.raises(ConfigError, match="heads"):
-        validate({"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping"})
-    validate({"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping", "heads": "trained"})
+        check_heads_privacy(validate(dp))
+    with pytest.raises(ConfigError, match="heads"):  # the ServerApp refuses it before round 1
+        run(LocalGrid(2, dp), _cfg(tmp_path, **dp))
+    check_heads_privacy(validate({**dp, "heads": "trained"}))
+    check_heads_privacy(validate({"strategy": "flwr:Krum"}))
 
 
 @pytest.mark.parametrize("key,value", [("heads", "zeros"), ("ridge-lambda", 0.0)])
