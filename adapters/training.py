@@ -56,7 +56,7 @@ class TrainSettings:
             values.update(
                 epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw", logit_adjust=0.0
             )
-            return cls(**values)
+            return cls(**values, train_heads=cfg["heads"] != "ridge")
         values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
         return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=cfg["heads"] != "ridge")
 

@@ -141,8 +141,15 @@ def evaluate_exits(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config", {})
     if config.get("personalize", False):
         # Fine-tunes locally and replies metrics only: personal weights stay here.
+        counts = config.get("label-counts")
         metrics = personalize(
-            model, depth, train_ds, val_ds, cfg, seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1)
+            model,
+            depth,
+            train_ds,
+            val_ds,
+            cfg,
+            seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1),
+            federation_labels=list(counts) if counts else None,
         )
         metrics["partition-id"] = pid
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

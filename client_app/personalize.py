@@ -7,6 +7,11 @@ split, and reports validation accuracy per exit before and after, plus the
 training loss before and after. Only metrics travel back: the personalised
 weights never leave the client, and the model object (shared by every
 message this process handles) gets the received global weights back.
+
+With closed-form heads (`heads` other than "trained") the server sends the
+federation's label counts instead, and personalisation moves each head's
+bias from that label prior to the node's own: fine-tuning those heads, or
+the adapters under them, lowered the nodes' own accuracy.
 """
 
 from __future__ import annotations
@@ -19,7 +24,22 @@ from torch.utils.data import DataLoader
 
 from adapters.model import AnytimeViT
 from adapters.state import get_state, set_state
-from adapters.training import TrainSettings, evaluate, train_local
+from adapters.training import TrainSettings, evaluate, label_counts, train_local
+
+
+@torch.no_grad()
+def shift_to_own_labels(model: AnytimeViT, depth: int, own, federation) -> None:
+    """Closed-form heads predict with the federation's label prior; a personal model
+    uses its node's: each head's bias moves by log p_node(y) - log p_federation(y).
+
+    (An unseen class counts half an example.) Fine-tuning the fitted heads with
+    cross-entropy instead costs accuracy (docs/benchmarks.md).
+    """
+    own = torch.as_tensor(own, dtype=torch.float64).clamp_min(0.5)
+    fed = torch.as_tensor(federation, dtype=torch.float64).clamp_min(0.5)
+    shift = (torch.log(own / own.sum()) - torch.log(fed / fed.sum())).float()
+    for i in range(depth):
+        model.heads[i].fc.bias += shift.to(model.heads[i].fc.bias.device)
 
 
 def fine_tune(model: AnytimeViT, depth: int, train_ds, cfg: dict[str, Any], seed: int = 0) -> dict:
@@ -29,7 +49,15 @@ def fine_tune(model: AnytimeViT, depth: int, train_ds, cfg: dict[str, Any], seed
     return train_local(model, loader, depth, TrainSettings.from_config(cfg, personalize=True))
 
 
-def personalize(model: AnytimeViT, depth: int, train_ds, val_ds, cfg: dict[str, Any], seed: int = 0) -> dict:
+def personalize(
+    model: AnytimeViT,
+    depth: int,
+    train_ds,
+    val_ds,
+    cfg: dict[str, Any],
+    seed: int = 0,
+    federation_labels: list[int] | None = None,
+) -> dict:
     """Fine-tune blocks 1..depth's adapters/heads on train_ds; metrics before/after.
 
     Returns flat metrics: `accuracy-before-i` / `accuracy-after-i` (validation,
@@ -46,7 +74,12 @@ def personalize(model: AnytimeViT, depth: int, train_ds, val_ds, cfg: dict[str, 
     try:
         before_train = evaluate(model, train_eval, depth)
         before_val = evaluate(model, val, depth) if val else None
-        fine_tune(model, depth, train_ds, cfg, seed)
+        if federation_labels is None:
+            fine_tune(model, depth, train_ds, cfg, seed)
+        else:
+            # Closed-form heads: a prior shift, no gradient steps; fine-tuning (adapters
+            # alone or with the heads) lowered the nodes' own accuracy (docs/outputs.md).
+            shift_to_own_labels(model, depth, label_counts(train_ds, model.num_classes), federation_labels)
         after_train = evaluate(model, train_eval, depth)
         after_val = evaluate(model, val, depth) if val else None
     finally:

@@ -324,7 +324,8 @@ KEYS: tuple[Key, ...] = (
             "personalize-epochs",
             1,
             "Local epochs each client fine-tunes the final global adapters for, reporting validation accuracy "
-            "per exit before/after (0 = no personalisation round).",
+            "per exit before/after (0 = no personalisation round). With closed-form heads (heads other than "
+            "'trained') each client instead moves its heads to its own label prior.",
             _non_negative,
         ),
         Key("personalize-lr", 1e-3, "AdamW learning rate of personalisation fine-tuning.", _positive),

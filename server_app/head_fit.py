@@ -74,8 +74,11 @@ def fit_heads(
         log(WARNING, "%s: no node sent statistics; the exit heads stay as they are", label)
         return arrays, None
     fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"])}
+    widest = max(counts, key=lambda i: (counts[i], -i))
     summary = {
         "after-round": server_round,
+        # the federation's training labels per class: personalisation moves heads from this prior to a node's
+        "label-counts": [int(round(c)) for c in sums[stat_name(widest, CROSS)][-1]],
         "clients": clients,
         "failed": failed,
         "examples-per-exit": [counts[i] for i in sorted(counts)],
@@ -94,6 +97,15 @@ def fit_heads(
         summary["seconds"],
     )
     return fitted, summary
+
+
+def label_counts(run_dir: Path) -> list[int] | None:
+    """The federation's label counts of the run's last fit, if any."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    fits = json.loads(path.read_text())["fits"]
+    return fits[-1].get("label-counts") if fits else None
 
 
 def record(run_dir: Path, summary: dict, cfg: dict) -> None:

@@ -23,14 +23,22 @@ FILE = "personalization.json"
 
 
 def request(
-    grid: Grid, arrays: dict[str, np.ndarray], cfg: dict, server_round: int, node_depth: dict[int, int] | None = None
+    grid: Grid,
+    arrays: dict[str, np.ndarray],
+    cfg: dict,
+    server_round: int,
+    node_depth: dict[int, int] | None = None,
+    label_counts: list[int] | None = None,
 ) -> list[tuple[int, Message]]:
     """Send the final global adapters to all nodes with config personalize=true; (node, reply) pairs.
 
     A node whose depth the rounds taught gets the arrays of its blocks only; another gets all.
     """
     node_depth = node_depth or {}
-    config = ConfigRecord({"personalize": True, "server-round": server_round})
+    config = {"personalize": True, "server-round": server_round}
+    if label_counts:
+        config["label-counts"] = [int(c) for c in label_counts]
+    config = ConfigRecord(config)
     messages = []
     for node in grid.get_node_ids():
         depth = node_depth.get(node)
@@ -107,7 +115,10 @@ def personalization_round(
     server_round: int,
     node_depth: dict[int, int] | None = None,
 ) -> dict:
-    summary = summarize(request(grid, arrays, cfg, server_round, node_depth), cfg)
+    from .head_fit import label_counts
+
+    counts = label_counts(run_dir) if cfg["heads"] != "trained" else None
+    summary = summarize(request(grid, arrays, cfg, server_round, node_depth, counts), cfg)
     (Path(run_dir) / FILE).write_text(json.dumps(summary, indent=2))
     gains = " ".join(f"{e['gain-mean']:+.3f}" for e in summary["exits"])
     log(

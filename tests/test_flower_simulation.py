@@ -32,7 +32,9 @@ SMALL_FEDERATION = {
     "MultiKrum": "num_malicious_nodes=0 num_nodes_to_select=2",
     "Bulyan": "num_malicious_nodes=0",
 }
-SHARED = {"tiers": "1,2", "local-epochs": 1, "batch-size": 32}
+# heads trained by the clients: the strategies aggregate the clients' updates, and the
+# closed-form heads' statistics bypass them (a DP strategy refuses them)
+SHARED = {"tiers": "1,2", "local-epochs": 1, "batch-size": 32, "heads": "trained"}
 END_TO_END = ["DifferentialPrivacyServerSideFixedClipping", "FedAdagrad", "FedProx", "Krum", "QFedAvg"]
 
 
@@ -72,8 +74,6 @@ def test_flower_strategies_run_a_round_through_flower(tmp_path):
                 "personalize-epochs": 0,
                 "strategy": f"flwr:{name}",
                 "strategy-args": SMALL_FEDERATION.get(name, ARRAY_STRATEGIES[name]),
-                # the strategies aggregate the clients' updates; closed-form heads bypass them (and DP refuses them)
-                "heads": "trained",
                 "output-dir": str(tmp_path),
                 "run-name": name,
             }

@@ -128,12 +128,12 @@ def test_ridge_heads_are_fitted_once_before_round_1_from_every_node(fake_grid, t
     cfg = _cfg(tmp_path, **{"num-server-rounds": 2})
     grid = fake_grid(num_nodes=4, run_config=cfg)
     run_dir = run(grid, cfg)
-    queries = [d for d in grid.delivered if d["type"] == MessageType.QUERY]
+    queries = [d for d in grid.delivered if d["type"] == MessageType.QUERY and d["round"] == 0]
     assert sorted(d["node"] for d in queries) == [1, 2, 3, 4]
     first_train = next(i for i, d in enumerate(grid.delivered) if d["type"] == MessageType.TRAIN)
     assert all(grid.delivered.index(q) < first_train for q in queries)
     doc = json.loads((run_dir / head_fit.FILE).read_text())
-    assert [f["after-round"] for f in doc["fits"]] == [0]
+    assert [f["after-round"] for f in doc["fits"]] == [0, 2]  # and again after the last round
     fit = doc["fits"][0]
     assert fit["clients"] == 4 and fit["failed"] == 0
     # tiers 3/6/9/12, one node each: exit i is fitted on the nodes that run it
@@ -195,7 +195,10 @@ def test_a_failing_node_is_left_out_of_the_fit(fake_grid, tmp_path, monkeypatch)
 
 
 def test_ridge_with_a_differential_privacy_strategy_is_refused_by_name(tmp_path):
-    dp = {"strategy": "flwr:DifferentialPrivacyServerSideFixedClipping", "strategy-args": "noise_multiplier=0.1"}
+    dp = {
+        "strategy": "flwr:DifferentialPrivacyServerSideFixedClipping",
+        "strategy-args": "noise_multiplier=0.1 clipping_norm=1.0",
+    }
     with pytest.raises(ConfigError, match="heads"):
         check_heads_privacy(validate(dp))
     with pytest.raises(ConfigError, match="heads"):  # the ServerApp refuses it before round 1
@@ -221,3 +224,21 @@ def test_clients_train_the_heads_unless_they_are_closed_form(model, heads, train
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert any(k.startswith("adapters.") for k in changed)
     assert any(k.startswith("heads.") for k in changed) == trained
+
+
+def test_personalisation_moves_closed_form_heads_to_the_nodes_label_prior(fake_grid, tmp_path, model):
+    from client_app.personalize import shift_to_own_labels
+
+    before = model.heads[0].fc.bias.detach().clone()
+    shift_to_own_labels(model, 1, [3, 1, 0, 0], [10, 10, 10, 10])
+    want = np.log(np.array([3, 1, 0.5, 0.5]) / 5.0) - np.log(0.25)
+    np.testing.assert_allclose((model.heads[0].fc.bias - before).detach().numpy(), want, rtol=1e-5)
+
+    cfg = _cfg(tmp_path, **{"personalize-epochs": 1, "tiers": "2"})
+    grid = fake_grid(num_nodes=2, run_config=cfg)
+    run_dir = run(grid, cfg)
+    sent = [d["config"] for d in grid.delivered if d["config"].get("personalize")]
+    fit = json.loads((run_dir / head_fit.FILE).read_text())["fits"][-1]
+    assert len(sent) == 2 and all(list(c["label-counts"]) == fit["label-counts"] for c in sent)
+    assert sum(fit["label-counts"]) == fit["examples-per-exit"][0]
+    assert json.loads((run_dir / "personalization.json").read_text())["clients"] == 2
