@@ -34,6 +34,7 @@ from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
 
 EXITS, CLASSES = 12, 10
+SCALES = (1, 2, 4, 8, 12, 16, 24, 32)
 
 
 def features(nodes: int):
@@ -221,6 +222,17 @@ def main(argv=None) -> int:
         t0 = time.time()
         heads = trainer(data, **opts)
         v, t = accuracy(heads, val), accuracy(heads, test)
+        extra = {}
+        if trainer is ridge:
+            # ridge-scale: the logit scale whose softmax fits the validation labels best
+            with torch.no_grad():
+                z = logits(heads, val[0])
+                extra["val-nll-by-scale"] = {
+                    str(sc): round(
+                        float(F.cross_entropy((sc * z).reshape(-1, CLASSES), val[1].repeat_interleave(EXITS))), 4
+                    )
+                    for sc in SCALES
+                }
         rows.append(
             {
                 "experiment": name,
@@ -231,6 +243,7 @@ def main(argv=None) -> int:
                 "seconds": round(time.time() - t0, 1),
                 "val": v,
                 "test": t,
+                **extra,
             }
         )
         print(f"== {name}: val mean {np.mean(v):.3f}, test mean {np.mean(t):.3f}", flush=True)
