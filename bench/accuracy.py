@@ -31,7 +31,6 @@ headers plus names), summed over the run.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -207,8 +206,7 @@ def ours(cfg: dict, lr: float, nodes: int, rounds: int, val_only: bool = False) 
         run_cfg.update({"output-dir": tmp, "run-name": "bench"})
         run_dir = run(LocalGrid(nodes, run_cfg), run_cfg)
         rows = results.read_rows(run_dir)
-        fits = run_dir / head_fit.FILE
-        fits = json.loads(fits.read_text())["fits"] if fits.is_file() else []
+        fits = head_fit.fits(run_dir)
         from safetensors.numpy import load_file
 
         arrays = load_file(str(run_dir / results.WEIGHTS))

@@ -35,7 +35,6 @@ separated).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -110,8 +109,7 @@ def run_ours(cfg: dict, nodes: int, rounds: int) -> dict:
         run_cfg.update({"output-dir": tmp, "run-name": "peers"})
         run_dir = run(grid, run_cfg)
         rows = results.read_rows(run_dir)
-        fits = run_dir / head_fit.FILE
-        fits = json.loads(fits.read_text())["fits"] if fits.is_file() else []
+        fits = head_fit.fits(run_dir)
     per_client = [c["bytes-up"] for r in rows for c in r["per-client"]]
     return {
         "curve": [r["server"]["accuracy"] for r in rows],

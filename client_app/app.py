@@ -51,6 +51,12 @@ def _setup(msg: Message, context: Context):
     return cfg, model, datasets, depth, pid, received
 
 
+def attack_noise(cfg: dict, partition_id: int, server_round: int, arrays: dict[str, np.ndarray]) -> dict:
+    """What an attacking client sends instead of `arrays`: N(0, attack-noise-std^2), same shapes and dtypes."""
+    rng = np.random.default_rng([cfg["seed"], partition_id, server_round])
+    return {k: rng.normal(0.0, cfg["attack-noise-std"], v.shape).astype(v.dtype) for k, v in arrays.items()}
+
+
 def client_seed(cfg: dict, partition_id: int, server_round: int) -> int:
     """Each client and round shuffles its data its own way, the same in every run."""
     return cfg["seed"] * 100_003 + partition_id * 1_009 + server_round
@@ -79,8 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     delta = {k: new[k] - received[k] for k in new}
     if pid in parse_attackers(cfg):
         # Robustness benchmarks (attack-partitions): noise instead of the update.
-        rng = np.random.default_rng([cfg["seed"], pid, server_round])
-        delta = {k: rng.normal(0.0, cfg["attack-noise-std"], v.shape).astype(np.float32) for k, v in delta.items()}
+        delta = attack_noise(cfg, pid, server_round, delta)
     residual = None
     if RESIDUAL in context.state.array_records:
         residual = to_numpy(context.state.array_records[RESIDUAL])
@@ -119,10 +124,8 @@ def head_statistics(msg: Message, context: Context) -> Message:
     sums, seen = exit_statistics(model, DataLoader(train_ds, batch_size=cfg["eval-batch-size"]), depth)
     if pid in parse_attackers(cfg):
         # An attacker poisons its statistics too: their sum has no robust rule (docs/strategies.md).
-        rng = np.random.default_rng(
-            [cfg["seed"], pid, int(msg.content.config_records["config"].get("server-round", 0))]
-        )
-        sums = {k: rng.normal(0.0, cfg["attack-noise-std"], v.shape) for k, v in sums.items()}
+        server_round = int(msg.content.config_records["config"].get("server-round", 0))
+        sums = attack_noise(cfg, pid, server_round, sums)
     metrics = {
         "num-examples": seen,
         "depth": depth,

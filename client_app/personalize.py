@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from adapters.model import AnytimeViT
 from adapters.state import get_state, set_state
-from adapters.training import TrainSettings, evaluate, label_counts, train_local
+from adapters.training import TrainSettings, evaluate, label_counts, logit_prior, train_local
 
 
 @torch.no_grad()
@@ -35,9 +35,9 @@ def shift_to_own_labels(model: AnytimeViT, depth: int, own, federation) -> None:
     (An unseen class counts half an example.) Fine-tuning the fitted heads with
     cross-entropy instead costs accuracy (docs/benchmarks.md).
     """
-    own = torch.as_tensor(own, dtype=torch.float64).clamp_min(0.5)
-    fed = torch.as_tensor(federation, dtype=torch.float64).clamp_min(0.5)
-    shift = (torch.log(own / own.sum()) - torch.log(fed / fed.sum())).float()
+    shift = logit_prior(torch.as_tensor(own, dtype=torch.float32), 1.0) - logit_prior(
+        torch.as_tensor(federation, dtype=torch.float32), 1.0
+    )
     for i in range(depth):
         model.heads[i].fc.bias += shift.to(model.heads[i].fc.bias.device)
 

@@ -43,9 +43,10 @@ def fit_heads(
     the features of the adapters in `arrays`; and a summary of the exchange (None if no node answered)."""
     t0 = time.time()
     config = ConfigRecord({"server-round": server_round})
+    sent = to_record(arrays)  # the same weights for every node: converted once
     messages = [
         Message(
-            content=RecordDict({"arrays": to_record(arrays), "config": config}),
+            content=RecordDict({"arrays": sent, "config": config}),
             message_type=MessageType.QUERY,
             dst_node_id=node,
         )
@@ -99,22 +100,23 @@ def fit_heads(
     return fitted, summary
 
 
+def fits(run_dir: Path) -> list[dict]:
+    """The fits head_fit.json records, oldest first ([] when the run made none)."""
+    path = Path(run_dir) / FILE
+    return json.loads(path.read_text())["fits"] if path.is_file() else []
+
+
 def label_counts(run_dir: Path) -> list[int] | None:
     """The federation's label counts of the run's last fit, if any."""
-    path = Path(run_dir) / FILE
-    if not path.is_file():
-        return None
-    fits = json.loads(path.read_text())["fits"]
-    return fits[-1].get("label-counts") if fits else None
+    done = fits(run_dir)
+    return done[-1].get("label-counts") if done else None
 
 
 def record(run_dir: Path, summary: dict, cfg: dict) -> None:
     """Append one fit to head_fit.json (fits after a resumed run's last checkpoint are dropped first)."""
-    path = Path(run_dir) / FILE
-    fits = json.loads(path.read_text())["fits"] if path.is_file() else []
-    fits = [f for f in fits if f["after-round"] < summary["after-round"]] + [summary]
-    doc = {"ridge-lambda": cfg["ridge-lambda"], "ridge-scale": cfg["ridge-scale"], "fits": fits}
-    path.write_text(json.dumps(doc, indent=2))
+    kept = [f for f in fits(run_dir) if f["after-round"] < summary["after-round"]] + [summary]
+    doc = {"ridge-lambda": cfg["ridge-lambda"], "ridge-scale": cfg["ridge-scale"], "fits": kept}
+    (Path(run_dir) / FILE).write_text(json.dumps(doc, indent=2))
 
 
 def _check(reply: Message, sums: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int, dict]:
