@@ -23,3 +23,8 @@ def param_block(name: str) -> int:
 def names_up_to(names, depth: int) -> list[str]:
     """The parameters a client that runs blocks 1..depth trains."""
     return [n for n in names if param_block(n) <= depth]
+
+
+def up_to_depth(arrays: dict, depth: int | None) -> dict:
+    """The arrays a node that runs blocks 1..depth needs; all of them while its depth is unknown."""
+    return arrays if depth is None else {k: v for k, v in arrays.items() if param_block(k) <= depth}

@@ -121,7 +121,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         stats = dict(strategy.last_round)
         refit = None
         if head_fit.due(cfg, server_round):
-            arrays, refit = head_fit.fit_heads(grid, send, arrays, cfg, server_round)
+            arrays, refit = head_fit.fit_heads(grid, send, arrays, cfg, server_round, strategy.node_depth)
             if refit is not None:
                 head_fit.record(run_dir, refit, cfg)
         eval_metrics = None

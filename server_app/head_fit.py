@@ -18,10 +18,11 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from adapters.head_fit import CROSS, GRAM, solve_heads, stat_name
+from core.naming import up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
 
 FILE = "head_fit.json"
@@ -37,21 +38,29 @@ def due(cfg: dict, server_round: int) -> bool:
 
 
 def fit_heads(
-    grid, send, arrays: dict[str, np.ndarray], cfg: dict, server_round: int
+    grid,
+    send,
+    arrays: dict[str, np.ndarray],
+    cfg: dict,
+    server_round: int,
+    node_depth: dict[int, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict | None]:
     """`arrays` with the heads of every exit some node runs replaced by the ridge fit on
-    the features of the adapters in `arrays`; and a summary of the exchange (None if no node answered)."""
+    the features of the adapters in `arrays`; and a summary of the exchange (None if no node answered).
+
+    A node whose depth the rounds taught (`node_depth`) receives the arrays of its blocks only.
+    """
     t0 = time.time()
+    node_depth = node_depth or {}
     config = ConfigRecord({"server-round": server_round})
-    sent = to_record(arrays)  # the same weights for every node: converted once
-    messages = [
-        Message(
-            content=RecordDict({"arrays": sent, "config": config}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node,
-        )
-        for node in grid.get_node_ids()
-    ]
+    records: dict[int | None, ArrayRecord] = {}  # converted once per depth, not once per node
+    messages = []
+    for node in grid.get_node_ids():
+        depth = node_depth.get(node)
+        if depth not in records:
+            records[depth] = to_record(up_to_depth(arrays, depth))
+        content = RecordDict({"arrays": records[depth], "config": config})
+        messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
     replies = send(messages, label)
     sums: dict[str, np.ndarray] = {}

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from core.naming import param_block
+from core.naming import up_to_depth
 from core.records import metrics_or_empty, to_record
 
 FILE = "personalization.json"
@@ -41,8 +41,7 @@ def request(
     config = ConfigRecord(config)
     messages = []
     for node in grid.get_node_ids():
-        depth = node_depth.get(node)
-        sent = arrays if depth is None else {k: v for k, v in arrays.items() if param_block(k) <= depth}
+        sent = up_to_depth(arrays, node_depth.get(node))
         content = RecordDict({"arrays": to_record(sent), "config": config})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
     replies = list(grid.send_and_receive(messages, timeout=cfg["round-timeout"]))

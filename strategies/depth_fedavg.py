@@ -34,7 +34,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from core.codec import CodecError, decode, is_packed, payload_bytes
 from core.config import parse_tier_names, parse_tiers
-from core.naming import param_block
+from core.naming import param_block, up_to_depth
 from core.records import arrays_of, metrics_of, metrics_or_empty, to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
@@ -155,9 +155,7 @@ class DepthAwareFedAvg(FedAvg):
         full = to_numpy(arrays)
         out = []
         for node in node_ids:
-            depth = self.node_depth.get(node)
-            # A node whose depth is known only receives what it runs.
-            sent = full if depth is None else {k: v for k, v in full.items() if param_block(k) <= depth}
+            sent = up_to_depth(full, self.node_depth.get(node))
             record = RecordDict({self.arrayrecord_key: to_record(sent), self.configrecord_key: config})
             out.append(Message(content=record, message_type=message_type, dst_node_id=node))
         # Kept to name the node behind an error reply: the grid stamps each

@@ -39,7 +39,7 @@ class FakeGrid(LocalGrid):
         super().__init__(num_nodes, run_config, node_configs)
         self.interrupt_at_round = interrupt_at_round
         self.raise_errors = raise_errors
-        self.delivered: list[dict] = []  # one entry per message: type, node, round, config
+        self.delivered: list[dict] = []  # one entry per message: type, node, round, config, array names
         self.errors: list[BaseException] = []
         self.handlers = {kind: self._recording(fn) for kind, fn in self.handlers.items()}
 
@@ -69,6 +69,7 @@ class FakeGrid(LocalGrid):
                     "node": msg.metadata.dst_node_id,
                     "round": config.get("server-round"),
                     "config": config,
+                    "arrays": sorted(msg.content.array_records.get("arrays", {}).keys()),
                 }
             )
         before = len(self.errors)

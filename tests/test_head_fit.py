@@ -14,6 +14,7 @@ from adapters.head_fit import GRAM, exit_statistics, solve_heads, stat_name
 from adapters.model import AnytimeViT
 from adapters.state import get_state, set_state
 from core.config import ConfigError, check_heads_privacy, validate
+from core.naming import param_block
 from runtime.models import initial_state
 from server_app import head_fit, results
 from server_app.app import run
@@ -149,6 +150,11 @@ def test_heads_are_refitted_every_n_rounds_and_after_the_last(fake_grid, tmp_pat
     grid = fake_grid(num_nodes=2, run_config=cfg)
     run_dir = run(grid, cfg)
     assert grid.rounds(MessageType.QUERY) == [0, 2, 3]
+    # before round 1 the nodes' depths are unknown: all 12 blocks; a refit sends each node its 4 blocks
+    blocks = {
+        d["round"]: {param_block(n) for n in d["arrays"]} for d in grid.delivered if d["type"] == MessageType.QUERY
+    }
+    assert blocks[0] == set(range(1, 13)) and blocks[2] == blocks[3] == {1, 2, 3, 4}
     doc = json.loads((run_dir / head_fit.FILE).read_text())
     assert [f["after-round"] for f in doc["fits"]] == [0, 2, 3]
     rows = results.read_rows(run_dir)
