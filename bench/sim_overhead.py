@@ -34,8 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,11 +43,7 @@ from pathlib import Path
 
 from benchkit import RESULTS, ROOT, Report, parse_overrides, table
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.private_flower import private_flower
 
 
 def toml_value(v) -> str:
@@ -66,48 +60,20 @@ def round_seconds(run_dir: Path) -> list[float]:
     return [r["seconds"] for r in results.read_rows(run_dir)]
 
 
-def _own_processes(marker: str) -> list[int]:
-    """Pids whose command line holds `marker` (our private FLWR_HOME path)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(entry.name))
-    return pids
-
-
 def run_flower(cfg: dict, nodes: int, cpus: int, out_dir: Path, timeout: float, ray_cpus: int = 0) -> dict:
-    home = Path(tempfile.mkdtemp(prefix="bench-flwr-home-"))
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
     run_cfg = {**cfg, "output-dir": str(out_dir), "run-name": "flower"}
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_cfg.items())
     federation = f"num_supernodes={nodes} client_resources_num_cpus={cpus} client_resources_num_gpus=0.0"
     if ray_cpus:
         federation += f" init_args_num_cpus={ray_cpus}"
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", overrides, "--federation-config", federation]
+    home = Path(tempfile.mkdtemp(prefix="bench-flwr-home-"))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        with private_flower(home) as env:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - t0
     finally:
-        # `flwr run` leaves its local SuperLink running in the background.
-        for pid in _own_processes(str(home)):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         shutil.rmtree(home, ignore_errors=True)
     rounds = round_seconds(out_dir / "flower")
     if proc.returncode or len(rounds) != cfg["num-server-rounds"]:

@@ -4,10 +4,7 @@ Runs the app as a user does (`flwr run <project> --stream`) on a local
 SuperLink of its own (private FLWR_HOME, free ports), which it stops after.
 """
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,42 +15,15 @@ from safetensors.numpy import load_file
 from core.config import validate
 from runtime.models import initial_state
 from server_app import results
+from tests.private_flower import private_flower
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_mentioning(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 def test_krum_through_flwr_run_keeps_the_attackers_noise_out(tmp_path):
     flwr = Path(sys.executable).parent / "flwr"
     flwr = str(flwr) if flwr.exists() else shutil.which("flwr")
     assert flwr, "the flwr command is not installed"
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-    }
     out = tmp_path / "out"
     # heads trained by the clients: Krum guards updates, not the closed-form fit's statistics
     shared = {"tiers": "1,2", "local-epochs": 1, "batch-size": 32, "heads": "trained"}
@@ -63,7 +33,7 @@ def test_krum_through_flwr_run_keeps_the_attackers_noise_out(tmp_path):
         f"strategy='flwr:Krum' strategy-args='num_malicious_nodes=1' attack-partitions='0' "
         f"output-dir='{out}' run-name='krum'"
     )
-    try:
+    with private_flower(tmp_path / "flwr-home") as env:
         proc = subprocess.run(
             [
                 flwr,
@@ -81,13 +51,6 @@ def test_krum_through_flwr_run_keeps_the_attackers_noise_out(tmp_path):
             text=True,
             timeout=900,
         )
-    finally:
-        # `flwr run` leaves the local SuperLink it started running.
-        for pid in _processes_mentioning(str(home)):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     log = proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = results.read_rows(out / "krum") if (out / "krum").exists() else []
     assert proc.returncode == 0 and len(rows) == 1, log
