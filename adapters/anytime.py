@@ -67,6 +67,7 @@ def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int
     active = torch.arange(n, device=x.device)
     tokens = model.embed(x)
     history: list[torch.Tensor] = []
+    logits = None
     # Same steps as AnytimeViT.forward (tests check they agree), on a
     # shrinking batch.
     for i in range(depth):
@@ -74,7 +75,7 @@ def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int
         cls = tokens[:, 0]
         history.append(cls)
         summary, new_cls = model.adapter_for(i)(torch.stack(history, dim=1))
-        logits = model.heads[i](summary, cls)
+        logits = model.exit_logits(i, model.heads[i](summary, cls), logits)
         conf = logits.softmax(-1).amax(-1)
         done = torch.ones_like(conf, dtype=torch.bool) if i + 1 == depth else conf >= threshold
         idx = active[done]
@@ -87,6 +88,7 @@ def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int
         active = active[keep]
         tokens = torch.cat([new_cls[keep].unsqueeze(1), tokens[keep, 1:]], dim=1)
         history = [h[keep] for h in history]
+        logits = logits[keep]
     return EarlyExit(out_logits, out_exits, out_conf)
 
 

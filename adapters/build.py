@@ -72,6 +72,7 @@ def with_adapters(backbone, num_classes: int, cfg: dict[str, Any]) -> AnytimeViT
         heads=cfg["adapter-heads"],
         mlp_ratio=cfg["adapter-mlp-ratio"],
         shared_adapter=cfg["shared-adapter"],
+        ensemble=cfg["exit-ensemble"],
     )
 
 

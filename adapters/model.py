@@ -23,6 +23,8 @@ class AnytimeViT(nn.Module):
         mlp_ratio: the adapter MLP's hidden size as a multiple of `width`.
         shared_adapter: one adapter for every block instead of one per block
             (the heads stay one per block).
+        ensemble: exit k returns the mean of the logits of heads 1..k instead
+            of head k's alone (`exit-ensemble`).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class AnytimeViT(nn.Module):
         heads: int = 2,
         mlp_ratio: float = 2.0,
         shared_adapter: bool = False,
+        ensemble: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -47,6 +50,7 @@ class AnytimeViT(nn.Module):
             self.adapters = nn.ModuleList(make() for _ in range(self.num_blocks))
         self.heads = nn.ModuleList(ExitHead(dim, num_classes) for _ in range(self.num_blocks))
         self.num_classes = num_classes
+        self.ensemble = ensemble
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -79,16 +83,30 @@ class AnytimeViT(nn.Module):
         tokens = self.embed(x)
         history: list[torch.Tensor] = []
         logits = []
+        z = None
         for i in range(depth):
             with torch.set_grad_enabled(block_grad and torch.is_grad_enabled()):
                 tokens = self.backbone.blocks[i](tokens)
             cls = tokens[:, 0]
             history.append(cls)
             summary, new_cls = self.adapter_for(i)(torch.stack(history, dim=1))
-            logits.append(self.heads[i](summary, cls))
+            z = self.exit_logits(i, self.heads[i](summary, cls), z)
+            logits.append(z)
             if i + 1 < depth:
                 tokens = torch.cat([new_cls.unsqueeze(1), tokens[:, 1:]], dim=1)
         return logits
+
+    def exit_logits(self, i: int, own: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Exit i's logits (0-based) from its head's own and exit i-1's returned logits.
+
+        With the ensemble, the running mean of heads 1..i+1: a head costs a
+        matrix-vector product and every one of them runs on the way to a deep
+        exit anyway, while a deep exit's head, fitted on the few nodes that
+        reach it, gains most from the shallow heads fitted on every node.
+        """
+        if not self.ensemble or previous is None:
+            return own
+        return previous + (own - previous) / (i + 1)
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]

@@ -64,6 +64,8 @@ def load_run(path: str, backbone_weights: str | None = None):
         raise PredictError(f"{file}: no run config in its metadata; was it written by the anytime-fl server?")
     known = {k.name for k in KEYS}
     stored = json.loads(meta["config"])
+    # weights saved before exit-ensemble existed were trained and evaluated without it
+    stored.setdefault("exit-ensemble", False)
     cfg = {k: v for k, v in stored.items() if k in known}  # keys of older/newer versions are irrelevant here
     if backbone_weights is not None:
         cfg["backbone-weights"] = backbone_weights

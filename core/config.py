@@ -380,6 +380,13 @@ KEYS: tuple[Key, ...] = (
         Key("adapter-heads", 2, "Attention heads of each adapter (must divide adapter-width).", _positive),
         Key("adapter-mlp-ratio", 2.0, "MLP hidden size of the adapter as a multiple of its width.", _positive),
         Key("shared-adapter", False, "One adapter shared by all blocks instead of one per block."),
+        Key(
+            "exit-ensemble",
+            True,
+            "Exit k predicts the mean of the logits of heads 1..k (no extra cost: every head runs on the way); "
+            "a deep exit, reached by few nodes, leans on the heads every node fits. false = each exit its own "
+            "head (the paper). See docs/benchmarks.md.",
+        ),
     ),
     # the task, its source and its split
     *_section(

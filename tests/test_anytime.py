@@ -1,5 +1,6 @@
 """Anytime inference: early exit per input, cost per exit, the accuracy/cost curve, `anytime-fl predict`."""
 
+import copy
 import json
 
 import numpy as np
@@ -109,6 +110,24 @@ def test_curve_matches_per_input_early_exit(model, x, flops):
     assert report["dynamic"][-1]["mean-blocks"] == model.num_blocks
 
 
+def test_ensemble_exit_is_the_mean_of_the_heads_so_far_and_early_exit_agrees(model, x):
+    ens = copy.deepcopy(model)
+    ens.ensemble = True
+    with torch.no_grad():
+        own, mixed = model(x), ens(x)
+    for k in range(model.num_blocks):
+        torch.testing.assert_close(mixed[k], torch.stack(own[: k + 1]).mean(0), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mixed[-1], own[-1])
+    confs = torch.stack([z.softmax(-1).amax(-1) for z in mixed])  # (L, B)
+    threshold = float(confs[1].median())
+    out = early_exit(ens, x, threshold)
+    assert len(set(out.exits.tolist())) > 1, "the threshold should split the batch"
+    for j, e in enumerate(out.exits.tolist()):
+        torch.testing.assert_close(out.logits[j], mixed[e - 1][j], rtol=1e-4, atol=1e-5)
+        assert e == model.num_blocks or confs[e - 1, j] >= threshold
+        assert all(confs[: e - 1, j] < threshold)
+
+
 # -- anytime-fl predict ----------------------------------------------------------
 
 
@@ -144,6 +163,13 @@ def test_predict_reports_exit_and_cost(run_dir, model, flops, capsys):
     pixels = np.asarray(Image.open(files[0]), dtype=np.float32) / 255.0
     x = (torch.from_numpy(pixels)[None, None] - 0.5) / 0.5
     assert deepest[0]["class"] == int(model(x)[-1].argmax())
+
+
+def test_predict_builds_the_exit_ensemble_the_weights_were_saved_with(run_dir, model, tmp_path):
+    assert predict.load_run(str(run_dir))[0].ensemble is False  # saved before the key existed
+    cfg = {"backbone-weights": str(run_dir / "backbone.safetensors"), "task": "digits", "exit-ensemble": True}
+    save_weights(tmp_path, get_state(model), {"config": cfg, "num-blocks": model.num_blocks})
+    assert predict.load_run(str(tmp_path))[0].ensemble is True
 
 
 def test_predict_names_bad_inputs(run_dir, tmp_path, capsys):
