@@ -13,8 +13,13 @@ AdamW or SGD (momentum) at several rates; fewer/more local epochs; server
 momentum; SCAFFOLD's control variates; restricted softmax (a client's
 absent classes left out of its loss); near-IID clients (the same images
 dealt at random); and the closed form: ridge regression from summed
-statistics, the same for any split of the data. Validation (the clients'
+statistics, the same for any split of the data, also with tiers 3/6/9/12
+(a deep exit fitted on the deep clients alone) and read with the exit
+ensemble (exit k = mean logits of exits 1..k). Validation (the clients'
 pooled validation splits) chooses; test is reported beside it.
+
+    python bench/heads_levers.py --exp ridge-1e-6-tiers --exp ridge-1e-6-tiers-ensemble \
+        --out bench/results/heads_levers_tiers.json
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from benchkit import RESULTS, Report, table
 
+from adapters.head_fit import CROSS, GRAM, solve_heads, stat_name
 from core.config import validate
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
@@ -71,10 +77,14 @@ def logits(p, f):
     return torch.einsum("bld,ldc->blc", h, p["W"]) + p["b"]
 
 
-def accuracy(p, data) -> list[float]:
+def accuracy(p, data, ensemble: bool = False) -> list[float]:
+    """Per exit; with `ensemble`, exit k predicts the mean logits of exits 1..k (`exit-ensemble`)."""
     x, y = data
     with torch.no_grad():
-        return (logits(p, x).argmax(-1) == y[:, None]).float().mean(0).tolist()
+        z = logits(p, x)
+        if ensemble:
+            z = z.cumsum(1)
+        return (z.argmax(-1) == y[:, None]).float().mean(0).tolist()
 
 
 def local(p, x, y, *, opt, lr, epochs, bs, seed, correction=None, restrict=False):
@@ -153,19 +163,33 @@ def central(parts, *, rounds, opt, lr, epochs, bs, seed, **_):
     return local(p, x, y, opt=opt, lr=lr, epochs=rounds * epochs, bs=bs, seed=seed)[0]
 
 
-def ridge(parts, *, lam, **_):
-    """Closed form from per-client sums (adapters/head_fit.py's statistics on these features)."""
+def ridge(parts, *, lam, tiers=None, **_):
+    """Closed form from per-client sums (adapters/head_fit.py's statistics on these features and its solver).
+
+    With `tiers`, client i contributes to exits 1..tiers[i % len(tiers)] only, as with the
+    run config's 'even' tier assignment: a deep exit is fitted on the deep clients alone.
+    """
     dim = parts[0][0][0].shape[-1] + 1
-    gram, cross, n = torch.zeros(EXITS, dim, dim, dtype=torch.float64), torch.zeros(EXITS, dim, CLASSES).double(), 0
-    for (x, y), _ in parts:
+    upper = np.triu_indices(dim)
+    sums, counts = {}, {}
+    for pid, ((x, y), _) in enumerate(parts):
         h = F.layer_norm(x, (x.shape[-1],)).double()
         h = torch.cat([h, torch.ones(*h.shape[:-1], 1, dtype=torch.float64)], -1).transpose(0, 1)
-        gram += h.transpose(1, 2) @ h
-        cross += h.transpose(1, 2) @ F.one_hot(y, CLASSES).double()
-        n += len(y)
-    w = torch.linalg.solve(gram / n + lam * torch.eye(dim, dtype=torch.float64), cross / n).float()
+        gram = (h.transpose(1, 2) @ h).numpy()
+        cross = (h.transpose(1, 2) @ F.one_hot(y, CLASSES).double()).numpy()
+        for i in range(tiers[pid % len(tiers)] if tiers else EXITS):
+            for name, v in ((stat_name(i, GRAM), gram[i][upper]), (stat_name(i, CROSS), cross[i])):
+                sums[name] = sums.get(name, 0) + v
+            counts[i] = counts.get(i, 0) + len(y)
+    # the deep exits' prior shift is in logits: solve at the run config's scale, then return
+    # to 0..1 scores so that val-nll-by-scale can choose the scale
+    scale = validate({})["ridge-scale"]
+    heads = solve_heads(sums, counts, lam, scale)
     p = init_heads(dim - 1, 0)
-    return {**p, "W": w[:, :-1], "b": w[:, -1]}
+    for i in counts:
+        p["W"][i] = torch.from_numpy(heads[f"heads.{i}.fc.weight"]).T / scale
+        p["b"][i] = torch.from_numpy(heads[f"heads.{i}.fc.bias"]) / scale
+    return p
 
 
 def iid(parts, seed: int):
@@ -199,6 +223,10 @@ EXPERIMENTS = {
     "ridge-1e-4": (ridge, dict(lam=1e-4)),
     "ridge-1e-5": (ridge, dict(lam=1e-5)),
     "ridge-1e-6": (ridge, dict(lam=1e-6)),
+    "ridge-1e-6-ensemble": (ridge, dict(lam=1e-6, ensemble=True)),
+    "ridge-1e-6-tiers": (ridge, dict(lam=1e-6, tiers=(3, 6, 9, 12))),
+    "ridge-1e-4-tiers": (ridge, dict(lam=1e-4, tiers=(3, 6, 9, 12))),
+    "ridge-1e-6-tiers-ensemble": (ridge, dict(lam=1e-6, tiers=(3, 6, 9, 12), ensemble=True)),
 }
 
 
@@ -219,9 +247,10 @@ def main(argv=None) -> int:
         trainer, opts = EXPERIMENTS[name]
         opts = {"rounds": args.rounds, "epochs": args.epochs, "bs": 16, "seed": 0, **opts}
         data = iid(parts, 0) if opts.pop("iid", False) else parts
+        ensemble = opts.pop("ensemble", False)
         t0 = time.time()
         heads = trainer(data, **opts)
-        v, t = accuracy(heads, val), accuracy(heads, test)
+        v, t = accuracy(heads, val, ensemble), accuracy(heads, test, ensemble)
         extra = {}
         if trainer is ridge:
             # ridge-scale: the logit scale whose softmax fits the validation labels best

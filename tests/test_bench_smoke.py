@@ -138,6 +138,10 @@ def test_peers_runs_each_kind_of_method_on_the_same_clients(tmp_path):
     assert rows["ours"]["same-clients"] is True
     assert len(rows["ours"]["accuracy"]) == 12 and len(rows["depthfl-kd"]["accuracy"]) == 4
     assert len(rows["headonly"]["accuracy"]) == 4 and len(rows["exclusion"]["accuracy"]) == 1
+    # the multi-exit peers are also read with ours' exit ensemble; its exit 1 is exit 1 itself
+    ens = rows["depthfl-kd"]["accuracy-exit-ensemble"]
+    assert len(ens) == 4 and ens[0] == rows["depthfl-kd"]["accuracy"][0]
+    assert "accuracy-exit-ensemble" not in rows["exclusion"]
     # depth-aware: what a client sends grows with its depth, and the peers' full weights dwarf our adapters
     assert rows["headonly"]["MB-total"] < rows["ours"]["MB-total"] < rows["depthfl-kd"]["MB-total"]
     assert all(r["rounds-to-90%"] == 1 for r in rows.values())
@@ -173,3 +177,25 @@ def test_gap_runs_federated_central_and_heads_only(tmp_path):
     assert len(rows["fed"]["val-accuracy-per-exit"]) == 12 and len(rows["cen"]["accuracy"]) == 2
     assert len(rows["h"]["accuracy"]) == 12
     assert all(0.0 <= r["val-accuracy"] <= 1.0 for r in rows.values())
+
+
+def test_heads_levers_fits_tiers_and_reads_the_exit_ensemble(tmp_path):
+    import heads_levers
+
+    out = tmp_path / "levers.json"
+    exps = ["ridge-1e-6", "ridge-1e-6-tiers", "ridge-1e-6-tiers-ensemble", "fedavg-adamw-.03"]
+    heads_levers.main(
+        ["--rounds", "1", "--epochs", "1", "--nodes", "4", "--out", str(out)] + [f"--exp={e}" for e in exps]
+    )
+    rows = {r["experiment"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(exps)
+    full, tiers, ens = (
+        rows["ridge-1e-6"]["test"],
+        rows["ridge-1e-6-tiers"]["test"],
+        rows["ridge-1e-6-tiers-ensemble"]["test"],
+    )
+    # exits 1-3 are fitted on every client with or without tiers; an ensemble of one exit is that exit
+    assert tiers[:3] == full[:3] and ens[0] == tiers[0]
+    # exit 12 is fitted on one client of four with tiers
+    assert tiers[-1] != full[-1]
+    assert min(full) > 0.3 and len(ens) == 12
