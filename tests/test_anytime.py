@@ -204,3 +204,17 @@ def test_predict_reads_wav_through_the_speech_features(run_dir, tmp_path, flops,
     assert [(r["exit"], r["flops"]) for r in rows] == [(6, flops[5])] * 2
     assert predict.main([str(run_dir), str(tmp_path / "broken.wav")]) == 2
     assert "broken.wav" in capsys.readouterr().err
+
+
+def test_the_summary_picks_the_cheapest_threshold_near_the_best_exit():
+    from server_app.finish import early_exit_pick
+
+    exits = [{"accuracy": a} for a in (0.70, 0.90, 0.95)]
+    dynamic = [
+        {"threshold": t, "accuracy": a, "mean-flops": f}
+        for t, a, f in ((0.0, 0.70, 1), (0.8, 0.93, 2), (0.9, 0.945, 3), (1.0, 0.95, 4))
+    ]
+    assert early_exit_pick({"exits": exits, "dynamic": dynamic})["threshold"] == 0.9
+    # no threshold within a point of the best exit: the most accurate one, not the cheapest of all
+    exits[-1]["accuracy"] = 0.99
+    assert early_exit_pick({"exits": exits, "dynamic": dynamic})["threshold"] == 1.0
