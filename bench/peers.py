@@ -25,7 +25,8 @@ that rule, on the same trained weights (`accuracy-exit-ensemble`).
 
 Baselines use AdamW, a fresh optimiser each round (as the clients do),
 with the learning rates given (defaults: what bench/accuracy.py picked on
-the clients' validation splits). Columns: test accuracy per exit, mean
+the clients' validation splits after 4 rounds; each baseline's row has its
+final validation accuracy, to choose a rate at the full length by). Columns: test accuracy per exit, mean
 over exits, rounds to reach 90 % of the final mean accuracy, bytes a
 client sends per round (mean) and in total, local training seconds per
 client round by tier. Peak training memory per depth is bench/speed.py's
@@ -52,7 +53,7 @@ from accuracy import FinalHead, build_baseline, device_of, sampled_nodes
 from benchkit import RESULTS, Report, parse_overrides, table
 from flwr.app import MessageType
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from adapters.optim import make_optimizer
 from core.codec import payload_bytes
@@ -298,7 +299,9 @@ def run_peer(cfg: dict, method: str, nodes: int, rounds: int, lr: float) -> dict
                 params[n].copy_(global_state[n])
         curve.append(exit_accuracy(net, test, top, bs))
         print(f"  {method} round {server_round}: mean exit accuracy {np.mean(curve[-1]):.3f}", flush=True)
-    out = {"curve": curve}
+    # the clients' validation splits pooled: what a learning rate is chosen by (`--lr-<method>`)
+    val = exit_accuracy(net, ConcatDataset([va for _, va in parts]), top, bs)
+    out = {"curve": curve, "val-accuracy": float(np.mean(val)), "val-accuracy-per-exit": val}
     if top > 1:
         # the same trained peer with ours' inference rule, so the comparison separates method from rule
         out["accuracy-exit-ensemble"] = exit_accuracy(net, test, top, bs, ensemble=True)

@@ -142,6 +142,8 @@ def test_peers_runs_each_kind_of_method_on_the_same_clients(tmp_path):
     ens = rows["depthfl-kd"]["accuracy-exit-ensemble"]
     assert len(ens) == 4 and ens[0] == rows["depthfl-kd"]["accuracy"][0]
     assert "accuracy-exit-ensemble" not in rows["exclusion"]
+    # the baselines report validation accuracy (learning rates are chosen on it, not on test)
+    assert len(rows["depthfl-kd"]["val-accuracy-per-exit"]) == 4 and 0 <= rows["exclusion"]["val-accuracy"] <= 1
     # depth-aware: what a client sends grows with its depth, and the peers' full weights dwarf our adapters
     assert rows["headonly"]["MB-total"] < rows["ours"]["MB-total"] < rows["depthfl-kd"]["MB-total"]
     assert all(r["rounds-to-90%"] == 1 for r in rows.values())
