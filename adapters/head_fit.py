@@ -87,8 +87,8 @@ def solve_heads(
     fitted = {i: n for i, n in counts.items() if n > 0}
     # Exit 1 is run by every node, a deep exit by the deep tiers only, whose
     # label mix differs: shift a deep exit's logits from its nodes' label
-    # prior to the federation's (the prior of the exit with the most examples).
-    widest = max(fitted, key=lambda i: (fitted[i], -i), default=None)
+    # prior to the federation's.
+    widest = federation_exit(counts)
     prior = _log_prior(sums, widest) if widest is not None else None
     for i, n in sorted(fitted.items()):
         cross = sums[stat_name(i, CROSS)] / n
@@ -102,8 +102,18 @@ def solve_heads(
     return heads
 
 
+def federation_exit(counts: dict[int, int]) -> int | None:
+    """The exit fitted on the most examples (the shallowest of equals): its labels are the federation's."""
+    fitted = {i: n for i, n in counts.items() if n > 0}
+    return max(fitted, key=lambda i: (fitted[i], -i), default=None)
+
+
+def exit_label_counts(sums: dict[str, np.ndarray], exit_index: int) -> np.ndarray:
+    """Examples per class behind an exit's sums: R's constant row."""
+    return sums[stat_name(exit_index, CROSS)][-1]
+
+
 def _log_prior(sums: dict[str, np.ndarray], exit_index: int) -> np.ndarray:
-    """log label frequencies behind an exit's sums (R's constant row counts each class);
-    an unseen class counts half an example."""
-    counts = np.maximum(sums[stat_name(exit_index, CROSS)][-1], 0.5)
+    """log label frequencies behind an exit's sums; an unseen class counts half an example."""
+    counts = np.maximum(exit_label_counts(sums, exit_index), 0.5)
     return np.log(counts / counts.sum())

@@ -27,4 +27,4 @@ def names_up_to(names, depth: int) -> list[str]:
 
 def up_to_depth(arrays: dict, depth: int | None) -> dict:
     """The arrays a node that runs blocks 1..depth needs; all of them while its depth is unknown."""
-    return arrays if depth is None else {k: v for k, v in arrays.items() if param_block(k) <= depth}
+    return arrays if depth is None else {k: arrays[k] for k in names_up_to(arrays, depth)}

@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
-from adapters.head_fit import CROSS, GRAM, solve_heads, stat_name
+from adapters.head_fit import CROSS, GRAM, exit_label_counts, federation_exit, solve_heads, stat_name
 from core.naming import up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
 
@@ -84,11 +84,10 @@ def fit_heads(
         log(WARNING, "%s: no node sent statistics; the exit heads stay as they are", label)
         return arrays, None
     fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"])}
-    widest = max(counts, key=lambda i: (counts[i], -i))
     summary = {
         "after-round": server_round,
         # the federation's training labels per class: personalisation moves heads from this prior to a node's
-        "label-counts": [int(round(c)) for c in sums[stat_name(widest, CROSS)][-1]],
+        "label-counts": [int(round(c)) for c in exit_label_counts(sums, federation_exit(counts))],
         "clients": clients,
         "failed": failed,
         "examples-per-exit": [counts[i] for i in sorted(counts)],
