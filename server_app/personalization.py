@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 from core.naming import up_to_depth
 from core.records import metrics_or_empty, to_record
 
+from . import head_fit
+
 FILE = "personalization.json"
 
 
@@ -114,9 +116,7 @@ def personalization_round(
     server_round: int,
     node_depth: dict[int, int] | None = None,
 ) -> dict:
-    from .head_fit import label_counts
-
-    counts = label_counts(run_dir) if cfg["heads"] != "trained" else None
+    counts = head_fit.label_counts(run_dir) if cfg["heads"] != "trained" else None
     summary = summarize(request(grid, arrays, cfg, server_round, node_depth, counts), cfg)
     (Path(run_dir) / FILE).write_text(json.dumps(summary, indent=2))
     gains = " ".join(f"{e['gain-mean']:+.3f}" for e in summary["exits"])
