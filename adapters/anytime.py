@@ -75,7 +75,7 @@ def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int
         cls = tokens[:, 0]
         history.append(cls)
         summary, new_cls = model.adapter_for(i)(torch.stack(history, dim=1))
-        logits = model.exit_logits(i, model.heads[i](summary, cls), logits)
+        logits = model.exit_logits(i, model.head_logits(i, summary, cls, tokens), logits)
         conf = logits.softmax(-1).amax(-1)
         done = torch.ones_like(conf, dtype=torch.bool) if i + 1 == depth else conf >= threshold
         idx = active[done]

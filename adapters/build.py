@@ -73,6 +73,7 @@ def with_adapters(backbone, num_classes: int, cfg: dict[str, Any]) -> AnytimeViT
         mlp_ratio=cfg["adapter-mlp-ratio"],
         shared_adapter=cfg["shared-adapter"],
         ensemble=cfg["exit-ensemble"],
+        patch_mean=cfg["exit-patch-mean"],
     )
 
 

@@ -25,6 +25,8 @@ class AnytimeViT(nn.Module):
             (the heads stay one per block).
         ensemble: exit k returns the mean of the logits of heads 1..k instead
             of head k's alone (`exit-ensemble`).
+        patch_mean: each exit head also reads its block's mean patch token
+            (`exit-patch-mean`).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class AnytimeViT(nn.Module):
         mlp_ratio: float = 2.0,
         shared_adapter: bool = False,
         ensemble: bool = False,
+        patch_mean: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -48,7 +51,10 @@ class AnytimeViT(nn.Module):
             self.adapter = make()
         else:
             self.adapters = nn.ModuleList(make() for _ in range(self.num_blocks))
-        self.heads = nn.ModuleList(ExitHead(dim, num_classes) for _ in range(self.num_blocks))
+        self.heads = nn.ModuleList(ExitHead(dim, num_classes, patch_mean) for _ in range(self.num_blocks))
+        self.patch_mean = patch_mean
+        # the tokens in front of the patches (CLS, and a distillation token in some timm ViTs)
+        self.prefix = getattr(backbone, "num_prefix_tokens", 1)
         self.num_classes = num_classes
         self.ensemble = ensemble
 
@@ -90,11 +96,16 @@ class AnytimeViT(nn.Module):
             cls = tokens[:, 0]
             history.append(cls)
             summary, new_cls = self.adapter_for(i)(torch.stack(history, dim=1))
-            z = self.exit_logits(i, self.heads[i](summary, cls), z)
+            z = self.exit_logits(i, self.head_logits(i, summary, cls, tokens), z)
             logits.append(z)
             if i + 1 < depth:
                 tokens = torch.cat([new_cls.unsqueeze(1), tokens[:, 1:]], dim=1)
         return logits
+
+    def head_logits(self, i: int, summary: torch.Tensor, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Head i's own logits (0-based) from the adapter's summary and block i's output tokens."""
+        patches = tokens[:, self.prefix :].mean(dim=1) if self.patch_mean else None
+        return self.heads[i](summary, cls, patches)
 
     def exit_logits(self, i: int, own: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """Exit i's logits (0-based) from its head's own and exit i-1's returned logits.

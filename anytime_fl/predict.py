@@ -50,7 +50,7 @@ def load_run(path: str, backbone_weights: str | None = None):
     from adapters.backbone import BackboneError
     from adapters.build import build_model, input_spec_fields
     from adapters.state import set_state
-    from core.config import KEYS, ConfigError, validate
+    from core.config import BEFORE_KEY, KEYS, ConfigError, validate
     from fedtasks.base import InputSpec
 
     file = _adapter_file(path)
@@ -63,9 +63,7 @@ def load_run(path: str, backbone_weights: str | None = None):
     if "config" not in meta:
         raise PredictError(f"{file}: no run config in its metadata; was it written by the anytime-fl server?")
     known = {k.name for k in KEYS}
-    stored = json.loads(meta["config"])
-    # weights saved before exit-ensemble existed were trained and evaluated without it
-    stored.setdefault("exit-ensemble", False)
+    stored = {**BEFORE_KEY, **json.loads(meta["config"])}
     cfg = {k: v for k, v in stored.items() if k in known}  # keys of older/newer versions are irrelevant here
     if backbone_weights is not None:
         cfg["backbone-weights"] = backbone_weights

@@ -387,6 +387,13 @@ KEYS: tuple[Key, ...] = (
             "a deep exit, reached by few nodes, leans on the heads every node fits. false = each exit its own "
             "head (the paper). See docs/benchmarks.md.",
         ),
+        Key(
+            "exit-patch-mean",
+            True,
+            "Each exit head also reads the mean of its block's patch tokens beside the CLS token (a shallow "
+            "block's CLS token has read little of the image). false = the CLS token only (the paper). "
+            "See docs/benchmarks.md.",
+        ),
     ),
     # the task, its source and its split
     *_section(
@@ -446,6 +453,10 @@ KEYS: tuple[Key, ...] = (
 )
 
 _BY_NAME = {k.name: k for k in KEYS}
+
+# What a run saved before a model key existed was trained with: how predict
+# rebuilds its weights and what a resume compares against.
+BEFORE_KEY: dict[str, Any] = {"exit-ensemble": False, "exit-patch-mean": False}
 
 
 def keys_in(group: str) -> tuple[str, ...]:

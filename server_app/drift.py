@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.config import KEYS, ConfigError
+from core.config import BEFORE_KEY, KEYS, ConfigError
 
 # Change the model's shape or weights, or which examples a client holds:
 # every key of the model and data groups, and which depth each client runs.
@@ -21,6 +21,7 @@ IDENTITY = ("output-dir", "run-name", "resume")
 
 def compare(old: dict[str, Any], new: dict[str, Any], first_round: int) -> list[dict]:
     """The changes a resume may make, as config.json records them; ConfigError naming any fixed key changed."""
+    old = {**BEFORE_KEY, **old}
     fixed = [k for k in FIXED if k in old and old[k] != new.get(k)]
     if fixed:
         shown = ", ".join(f"{k} {old[k]!r} -> {new.get(k)!r}" for k in fixed)

@@ -128,6 +128,26 @@ def test_ensemble_exit_is_the_mean_of_the_heads_so_far_and_early_exit_agrees(mod
         assert all(confs[: e - 1, j] < threshold)
 
 
+def test_patch_mean_exit_reads_its_blocks_patch_tokens_and_early_exit_agrees(x):
+    torch.manual_seed(0)
+    m = AnytimeViT(load_backbone("vit_micro_patch7_28"), NUM_CLASSES, ensemble=True, patch_mean=True).eval()
+    assert m.heads[0].fc.in_features == 2 * m.backbone.embed_dim
+    with torch.no_grad():
+        for head in m.heads:
+            head.fc.weight.mul_(40.0)
+        tokens = m.backbone.blocks[0](m.embed(x))
+        summary, _ = m.adapters[0](tokens[:, :1])
+        h = m.heads[0]
+        want = h.fc(torch.cat([h.norm(summary + tokens[:, 0]), h.patch_norm(tokens[:, 1:].mean(1))], -1))
+        full = m(x)
+    torch.testing.assert_close(full[0], want, rtol=1e-4, atol=1e-5)
+    threshold = float(torch.stack([z.softmax(-1).amax(-1) for z in full])[2].median())
+    out = early_exit(m, x, threshold)
+    assert len(set(out.exits.tolist())) > 1, "the threshold should split the batch"
+    for j, e in enumerate(out.exits.tolist()):
+        torch.testing.assert_close(out.logits[j], full[e - 1][j], rtol=1e-4, atol=1e-5)
+
+
 # -- anytime-fl predict ----------------------------------------------------------
 
 
@@ -165,11 +185,17 @@ def test_predict_reports_exit_and_cost(run_dir, model, flops, capsys):
     assert deepest[0]["class"] == int(model(x)[-1].argmax())
 
 
-def test_predict_builds_the_exit_ensemble_the_weights_were_saved_with(run_dir, model, tmp_path):
-    assert predict.load_run(str(run_dir))[0].ensemble is False  # saved before the key existed
-    cfg = {"backbone-weights": str(run_dir / "backbone.safetensors"), "task": "digits", "exit-ensemble": True}
-    save_weights(tmp_path, get_state(model), {"config": cfg, "num-blocks": model.num_blocks})
-    assert predict.load_run(str(tmp_path))[0].ensemble is True
+def test_predict_builds_the_exits_the_weights_were_saved_with(run_dir, model, tmp_path):
+    old = predict.load_run(str(run_dir))[0]  # saved before the keys existed
+    assert (old.ensemble, old.patch_mean) == (False, False)
+    cfg = {"backbone-weights": str(run_dir / "backbone.safetensors"), "task": "digits"}
+    cfg |= {"exit-ensemble": True, "exit-patch-mean": True}
+    torch.manual_seed(0)
+    saved = AnytimeViT(model.backbone, NUM_CLASSES, ensemble=True, patch_mean=True)
+    save_weights(tmp_path, get_state(saved), {"config": cfg, "num-blocks": model.num_blocks})
+    new = predict.load_run(str(tmp_path))[0]
+    assert (new.ensemble, new.patch_mean) == (True, True)
+    torch.testing.assert_close(new.heads[3].fc.weight, saved.heads[3].fc.weight)
 
 
 def test_predict_names_bad_inputs(run_dir, tmp_path, capsys):

@@ -255,6 +255,14 @@ def test_resume_refuses_model_or_data_drift_and_records_other_changes(fake_grid,
     }
 
 
+def test_a_run_saved_before_a_model_key_existed_resumes_only_with_its_old_value():
+    old = {k: v for k, v in validate({}).items() if k != "exit-patch-mean"}  # an earlier release's config
+    with pytest.raises(ConfigError) as err:
+        drift.compare(old, validate({}), 3)
+    assert err.value.key == "exit-patch-mean" and "False -> True" in str(err.value)
+    assert drift.compare(old, validate({"exit-patch-mean": False}), 3) == []
+
+
 def test_drift_keys_are_run_config_keys():
     names = set(validate({}))
     assert set(drift.FIXED) <= names and set(drift.IDENTITY) <= names

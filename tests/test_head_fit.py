@@ -25,8 +25,12 @@ CLASSES = 4
 
 @pytest.fixture()
 def model():
+    return _model()
+
+
+def _model(patch_mean: bool = False) -> AnytimeViT:
     torch.manual_seed(0)
-    m = AnytimeViT(load_backbone("vit_micro_patch7_28"), num_classes=CLASSES)
+    m = AnytimeViT(load_backbone("vit_micro_patch7_28"), num_classes=CLASSES, patch_mean=patch_mean)
     with torch.no_grad():  # adapters that modulate, so the features are not the backbone's alone
         for a in m.adapters:
             a.up.weight.normal_(0, 0.05)
@@ -68,7 +72,9 @@ def test_two_clients_statistics_add_up_to_the_central_ones(model):
     np.testing.assert_allclose(su[stat_name(0, "cross")][-1], counts)
 
 
-def test_solved_heads_are_the_ridge_regression_of_their_features(model):
+@pytest.mark.parametrize("patch_mean", [False, True])
+def test_solved_heads_are_the_ridge_regression_of_their_features(patch_mean):
+    model = _model(patch_mean)
     ds, depth, lam = _data(80, 3), 3, 1e-3
     sums, n = exit_statistics(model, DataLoader(ds, batch_size=32), depth)
     heads = solve_heads(sums, {i: n for i in range(depth)}, lam)
