@@ -15,11 +15,15 @@ absent classes left out of its loss); near-IID clients (the same images
 dealt at random); and the closed form: ridge regression from summed
 statistics, the same for any split of the data, also with tiers 3/6/9/12
 (a deep exit fitted on the deep clients alone) and read with the exit
-ensemble (exit k = mean logits of exits 1..k). Validation (the clients'
-pooled validation splits) chooses; test is reported beside it.
+ensemble (exit k = mean logits of exits 1..k). `--patch-mean` gives every
+head the block's mean patch token beside its CLS token (`exit-patch-mean`).
+Validation (the clients' pooled validation splits) chooses; test is
+reported beside it.
 
     python bench/heads_levers.py --exp ridge-1e-6-tiers --exp ridge-1e-6-tiers-ensemble \
         --out bench/results/heads_levers_tiers.json
+    python bench/heads_levers.py --patch-mean --exp ridge-1e-6 --exp ridge-1e-6-ensemble \
+        --exp ridge-1e-6-tiers --exp ridge-1e-6-tiers-ensemble --out bench/results/heads_levers_patch.json
 """
 
 from __future__ import annotations
@@ -43,19 +47,31 @@ EXITS, CLASSES = 12, 10
 SCALES = (1, 2, 4, 8, 12, 16, 24, 32)
 
 
-def features(nodes: int):
-    """Per client (train, val) and the test set, as (CLS features (N, 12, D), labels)."""
+def features(nodes: int, patch_mean: bool = False):
+    """Per client (train, val) and the test set, as (CLS features (N, 12, D), labels).
+
+    With `patch_mean`, [LayerNorm(cls), LayerNorm(mean patch token)] (N, 12, 2D), what the
+    exits read with `exit-patch-mean`: the halves already normalised, the heads' LayerNorm
+    over the whole vector leaves them as they are.
+    """
     from accuracy import build_baseline
     from peers import cls_features
 
     cfg = validate({"tiers": "12"})
     model, spec = model_and_spec(cfg)
     backbone = build_baseline(cfg, "head", model.num_classes).backbone
+
+    def feats(ds):
+        x, y = cls_features(backbone, ds, 256, patch_mean).tensors
+        if patch_mean:
+            x = torch.cat([F.layer_norm(h, (h.shape[-1],)) for h in x.chunk(2, dim=-1)], dim=-1)
+        return x, y
+
     parts = []
     for pid in range(nodes):
         tr, va = load_partition(cfg, spec, pid, nodes)
-        parts.append((cls_features(backbone, tr, 256).tensors, cls_features(backbone, va, 256).tensors))
-    return parts, cls_features(backbone, load_test(cfg, spec), 256).tensors
+        parts.append((feats(tr), feats(va)))
+    return parts, feats(load_test(cfg, spec))
 
 
 def init_heads(dim: int, seed: int) -> dict[str, torch.Tensor]:
@@ -236,11 +252,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="local epochs per round")
     ap.add_argument("--nodes", type=int, default=20)
     ap.add_argument("--exp", action="append", choices=sorted(EXPERIMENTS), help="repeatable; default: all")
+    ap.add_argument("--patch-mean", action="store_true", help="heads read [cls, mean patch token] (`exit-patch-mean`)")
     ap.add_argument("--out", default=str(RESULTS / "heads_levers.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     report = Report("heads-levers", args)
-    parts, test = features(args.nodes)
+    parts, test = features(args.nodes, args.patch_mean)
     val = (torch.cat([va[0] for _, va in parts]), torch.cat([va[1] for _, va in parts]))
     report["rows"] = rows = []
     for name in args.exp or list(EXPERIMENTS):

@@ -131,14 +131,37 @@ def run_ours(cfg: dict, nodes: int, rounds: int) -> dict:
 # -- the peers: one depth-aware FedAvg loop ---------------------------------
 
 
-class MultiExit(nn.Module):
-    """The timm ViT with a LayerNorm+linear exit head on every block's CLS token."""
+class PeerHead(nn.Module):
+    """LayerNorm+linear on a block's CLS token; with `patch_mean` also on the block's mean patch
+    token, as ours' exits read them (`exit-patch-mean`), so the comparison separates the method
+    from what its heads read. Input: (B, D) or, with `patch_mean`, (B, 2D) = [cls, patch mean]."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    def __init__(self, d: int, num_classes: int, patch_mean: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.patch_norm = nn.LayerNorm(d) if patch_mean else None
+        self.fc = nn.Linear(d * (2 if patch_mean else 1), num_classes)
+
+    def forward(self, f):
+        if self.patch_norm is None:
+            return self.fc(self.norm(f))
+        cls, patches = f.chunk(2, dim=-1)
+        return self.fc(torch.cat([self.norm(cls), self.patch_norm(patches)], dim=-1))
+
+
+def block_features(t: torch.Tensor, patch_mean: bool) -> torch.Tensor:
+    """What a peer's exit reads from a block's tokens: the CLS token, [cls, patch mean] with `patch_mean`."""
+    return torch.cat([t[:, 0], t[:, 1:].mean(1)], dim=-1) if patch_mean else t[:, 0]
+
+
+class MultiExit(nn.Module):
+    """The timm ViT with a LayerNorm+linear exit head on every block."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, patch_mean: bool = False):
         super().__init__()
         self.backbone = backbone
-        d = backbone.embed_dim
-        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, num_classes)) for _ in backbone.blocks)
+        self.patch_mean = patch_mean
+        self.heads = nn.ModuleList(PeerHead(backbone.embed_dim, num_classes, patch_mean) for _ in backbone.blocks)
 
     def forward(self, x, depth: int):
         bb = self.backbone
@@ -146,12 +169,12 @@ class MultiExit(nn.Module):
         out = []
         for i in range(depth):
             t = bb.blocks[i](t)
-            out.append(self.heads[i](t[:, 0]))
+            out.append(self.heads[i](block_features(t, self.patch_mean)))
         return out
 
 
 class FeatureHeads(nn.Module):
-    """Head-only: the same heads on precomputed frozen CLS features (B, L, D)."""
+    """Head-only: the same heads on precomputed frozen features (B, L, D or 2D)."""
 
     def __init__(self, heads: nn.ModuleList):
         super().__init__()
@@ -173,7 +196,8 @@ def needed(name: str, depth: int) -> bool:
 
 
 @torch.no_grad()
-def cls_features(backbone: nn.Module, ds, batch: int) -> TensorDataset:
+def cls_features(backbone: nn.Module, ds, batch: int, patch_mean: bool = False) -> TensorDataset:
+    """Each block's frozen CLS token (N, L, D); with `patch_mean`, [cls, patch mean] (N, L, 2D)."""
     backbone.eval()
     xs, ys = [], []
     dev = device_of(backbone)
@@ -182,7 +206,7 @@ def cls_features(backbone: nn.Module, ds, batch: int) -> TensorDataset:
         cls = []
         for blk in backbone.blocks:
             t = blk(t)
-            cls.append(t[:, 0])
+            cls.append(block_features(t, patch_mean))
         xs.append(torch.stack(cls, 1).cpu())
         ys.append(y)
     return TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -244,11 +268,12 @@ def run_peer(cfg: dict, method: str, nodes: int, rounds: int, lr: float) -> dict
         backbone = build_baseline(cfg, "full" if method.startswith("depthfl") else "head", model.num_classes).backbone
         with torch.random.fork_rng():
             torch.manual_seed(cfg["seed"])
-            multi = MultiExit(backbone, model.num_classes).to(device_of(backbone))
+            multi = MultiExit(backbone, model.num_classes, cfg["exit-patch-mean"]).to(device_of(backbone))
         if method == "headonly":
             net = FeatureHeads(multi.heads)
-            parts = [(cls_features(backbone, tr, bs), cls_features(backbone, va, bs)) for tr, va in parts]
-            test = cls_features(backbone, test, bs)
+            feats = lambda ds: cls_features(backbone, ds, bs, cfg["exit-patch-mean"])  # noqa: E731
+            parts = [(feats(tr), feats(va)) for tr, va in parts]
+            test = feats(test)
         else:
             net = multi
         top = max(tiers)
@@ -350,6 +375,7 @@ def main(argv=None) -> int:
             "ridge-lambda",
             "ridge-scale",
             "exit-ensemble",
+            "exit-patch-mean",
             "dirichlet-alpha",
             "seed",
         )
