@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from core.config import settings
+from core.naming import sent_up_to
 
 from .model import AnytimeViT
 from .optim import make_optimizer
@@ -114,11 +115,9 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
     # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
     # weight decay (and FedProx's term) though the client never trains it.
-    mine = set(trainable_names(model, depth))
-    if not s.train_heads:
-        # Local cross-entropy on a client's skewed labels would pull closed-form heads
-        # towards its own classes; the server refits them instead.
-        mine = {n for n in mine if not n.startswith("heads.")}
+    # Local cross-entropy on a client's skewed labels would pull closed-form heads
+    # towards its own classes; the server refits them instead.
+    mine = set(sent_up_to(trainable_names(model), depth, fitted_heads=not s.train_heads))
     params = [p for n, p in model.trainable_named_parameters() if p.requires_grad and n in mine]
     opt = make_optimizer(params, s.optimizer, s.lr, s.weight_decay)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None

@@ -12,6 +12,7 @@ from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, label_counts, train_local
 from core.codec import payload_bytes, topk_encode
 from core.config import parse_attackers, validate
+from core.naming import sent_up_to
 from core.records import arrays_of, to_numpy, to_record
 from runtime.models import model_and_spec
 
@@ -82,7 +83,8 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_local(model, loader, depth, settings)
 
     new = get_state(model, depth)
-    delta = {k: new[k] - received[k] for k in new}
+    # closed-form heads are the server's: their deltas are zero and stay home
+    delta = {k: new[k] - received[k] for k in sent_up_to(new, depth, cfg["heads"] == "ridge")}
     if pid in parse_attackers(cfg):
         # Robustness benchmarks (attack-partitions): noise instead of the update.
         delta = attack_noise(cfg, pid, server_round, delta)

@@ -16,7 +16,8 @@ trained travel in two arrays, whatever the number of parameters:
   below 1/16 density) and fits.
 
 The layout is implied by the parameters the sender trained, which the server
-knows from its depth, so no names, shapes or int32 indices are sent. Packing
+knows from its depth and the run's `heads` setting, so no names, shapes or
+int32 indices are sent. Packing
 matters for small models: Flower serialises each array with a ~128-byte
 header, which for a ViT-micro adapter (288 tensors, many of 32 entries)
 would alone cost ~9% of the dense update if every tensor travelled as its

@@ -25,6 +25,17 @@ def names_up_to(names, depth: int) -> list[str]:
     return [n for n in names if param_block(n) <= depth]
 
 
+def sent_by_clients(name: str, fitted_heads: bool) -> bool:
+    """Whether clients train, and so send, a parameter: not the exit heads when the
+    server fits them in closed form (`heads = "ridge"`)."""
+    return not (fitted_heads and name.startswith("heads."))
+
+
+def sent_up_to(names, depth: int, fitted_heads: bool) -> list[str]:
+    """What a client that runs blocks 1..depth trains and sends."""
+    return [n for n in names_up_to(names, depth) if sent_by_clients(n, fitted_heads)]
+
+
 def up_to_depth(arrays: dict, depth: int | None) -> dict:
     """The arrays a node that runs blocks 1..depth needs; all of them while its depth is unknown."""
     return arrays if depth is None else {k: arrays[k] for k in names_up_to(arrays, depth)}

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from core.codec import CodecError, decode, is_packed, payload_bytes
 from core.config import parse_tier_names, parse_tiers
-from core.naming import param_block, up_to_depth
+from core.naming import param_block, sent_up_to, up_to_depth
 from core.records import arrays_of, metrics_of, metrics_or_empty, to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
@@ -62,6 +62,8 @@ class DepthAwareFedAvg(FedAvg):
         server_lr: step size on the combined delta; 0 or None = the class's
             `default_server_lr` (1 for the averaging rules).
         tier_names: depth -> tier name, for the per-tier counts in logs and results.
+        fitted_heads: the server fits the exit heads (`heads = "ridge"`): clients
+            leave `heads.*` out of their updates, dense or sparse.
         **kwargs: passed on to Flower's `FedAvg` (e.g. `arrayrecord_key`).
     """
 
@@ -76,6 +78,7 @@ class DepthAwareFedAvg(FedAvg):
         min_nodes: int = 2,
         server_lr: float | None = None,
         tier_names: dict[int, str] | None = None,
+        fitted_heads: bool = False,
         **kwargs,
     ):
         super().__init__(
@@ -89,6 +92,7 @@ class DepthAwareFedAvg(FedAvg):
         )
         self.server_lr = float(server_lr) if server_lr else self.default_server_lr
         self.tier_names = dict(tier_names or {})
+        self.fitted_heads = fitted_heads
         self.global_arrays: dict[str, np.ndarray] = {}
         self.node_depth: dict[int, int] = {}  # learnt from replies; trims the downlink
         self.sent: list[Message] = []  # the last messages sent, see `sender`
@@ -107,6 +111,7 @@ class DepthAwareFedAvg(FedAvg):
             "min_nodes": cfg["min-nodes"],
             "server_lr": cfg["server-lr"],
             "tier_names": dict(zip(depths, names)),
+            "fitted_heads": cfg["heads"] == "ridge",
         }
 
     @classmethod
@@ -220,8 +225,8 @@ class DepthAwareFedAvg(FedAvg):
         except (TypeError, ValueError) as err:
             raise ValueError(f"unreadable arrays: {err}") from err
         shapes = {k: v.shape for k, v in self.global_arrays.items()}
-        # A sparse update covers exactly the parameters of blocks 1..depth.
-        layout = [k for k in shapes if param_block(k) <= depth] if is_packed(payload) else None
+        # A sparse update covers exactly what the client trains of blocks 1..depth.
+        layout = sent_up_to(shapes, depth, self.fitted_heads) if is_packed(payload) else None
         try:
             deltas = decode(payload, shapes, layout)
         except CodecError as err:

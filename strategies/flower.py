@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from core.naming import param_block
+from core.naming import param_block, sent_by_clients
 from core.records import metrics_of, to_numpy, to_record
 
 from .depth_fedavg import WEIGHT_KEY, DepthAwareFedAvg, Update
@@ -93,7 +93,8 @@ class FlowerGroups(DepthAwareFedAvg):
     def groups(self) -> dict[str, list[str]]:
         """Group label -> the parameter names it holds, in block order."""
         out: dict[str, list[str]] = {}
-        for name in sorted(self.global_arrays, key=lambda n: (param_block(n), n)):
+        sent = [n for n in self.global_arrays if sent_by_clients(n, self.fitted_heads)]
+        for name in sorted(sent, key=lambda n: (param_block(n), n)):
             out.setdefault(self.group_of(param_block(name)), []).append(name)
         return out
 

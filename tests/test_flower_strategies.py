@@ -18,7 +18,7 @@ from server_app import checkpoint
 from strategies.flower import FlowerGroups
 from strategies.registry import build_strategy
 from tests.flowerkit import reply
-from tests.test_strategies import BLOCK, GLOBAL, ROUND1, ROUND2, _deltas, _replies
+from tests.test_strategies import BASE, BLOCK, GLOBAL, ROUND1, ROUND2, _deltas, _replies
 
 # Ten clients of depth 3: every block has every sender.
 EQUAL = [(i, 3, 10 + 7 * i, 100 + i) for i in range(1, 11)]
@@ -52,7 +52,7 @@ class _Grid:
 
 
 def _build(spec, args="", **cfg):
-    return build_strategy(spec, validate({"strategy": spec, "strategy-args": args, "tiers": "1,2,3", **cfg}))
+    return build_strategy(spec, validate({**BASE, "strategy": spec, "strategy-args": args, **cfg}))
 
 
 def _rounds(s, rounds, make_replies=_replies):
@@ -76,7 +76,7 @@ SAME_RULE = [
 def test_flower_rule_and_ours_give_the_same_weights_on_equal_depth_clients(spec, args, ours):
     second = [(i, 3, 5 + 3 * i, 200 + i) for i in range(1, 8)]
     got = _rounds(_build(spec, args), [EQUAL, second])
-    want = _rounds(build_strategy(ours, validate({"strategy": ours, "tiers": "1,2,3"})), [EQUAL, second])
+    want = _rounds(build_strategy(ours, validate({**BASE, "strategy": ours})), [EQUAL, second])
     for k in GLOBAL:
         assert np.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (spec, k)
 
@@ -87,7 +87,7 @@ def test_per_group_flower_rule_matches_ours_on_mixed_depths(spec, args, ours, gr
     # These rules act on each coordinate, so groups change nothing; ROUND2
     # has nobody of depth 3, whose block must keep its value.
     got = _rounds(_build(spec, args, **{"strategy-groups": groups}), [ROUND1, ROUND2])
-    want = _rounds(build_strategy(ours, validate({"strategy": ours, "tiers": "1,2,3"})), [ROUND1, ROUND2])
+    want = _rounds(build_strategy(ours, validate({**BASE, "strategy": ours})), [ROUND1, ROUND2])
     for k in GLOBAL:
         assert np.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (spec, groups, k)
 
@@ -125,10 +125,30 @@ def test_sparse_updates_are_decoded_before_the_inner_strategy_sees_them():
         return out
 
     got = _rounds(_build("flwr:FedAvg"), [ROUND1], packed)
-    want = _rounds(build_strategy("fedavg", validate({"tiers": "1,2,3"})), [ROUND1], packed)
+    want = _rounds(build_strategy("fedavg", validate(BASE)), [ROUND1], packed)
     for k in GLOBAL:
         assert np.allclose(got[k], want[k], atol=1e-6)
         assert not np.array_equal(got[k], GLOBAL[k]) or BLOCK[k] > 3
+
+
+def test_fitted_heads_are_in_no_group_and_keep_their_value(caplog):
+    # heads = "ridge": clients send no head deltas, so the groups hold the adapters only
+    s = _build("flwr:FedAvg", heads="ridge")
+    s.global_arrays = dict(GLOBAL)
+    assert all(not n.startswith("heads.") for names in s.groups().values() for n in names)
+
+    def adapters_only(clients):
+        return [
+            reply({k: v for k, v in _deltas(d, seed).items() if k.startswith("adapters.")}, n, d, node)
+            for node, d, n, seed in clients
+        ]
+
+    got = _rounds(s, [ROUND1], adapters_only)
+    want = _rounds(build_strategy("fedavg", validate({"tiers": "1,2,3"})), [ROUND1], adapters_only)
+    for k in GLOBAL:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6)
+        assert np.array_equal(got[k], GLOBAL[k]) == k.startswith("heads.")
+    assert "left out of that group" not in caplog.text
 
 
 @pytest.mark.parametrize("spec", ["flwr:Krum", "flwr:Bulyan", "flwr:FedMedian", "flwr:MultiKrum"])
@@ -216,7 +236,7 @@ def test_inner_sampling_does_not_change_which_nodes_we_sample():
     picks = []
     for spec in ("fedavg", "flwr:Krum"):
         random.seed(3)
-        s = build_strategy(spec, validate({"strategy": spec, "tiers": "1,2,3", "fraction-train": 0.5}))
+        s = build_strategy(spec, validate({**BASE, "strategy": spec, "fraction-train": 0.5}))
         picks.append(
             [
                 sorted(m.metadata.dst_node_id for m in s.configure_train(r, to_record(GLOBAL), ConfigRecord(), _Grid()))
@@ -283,7 +303,7 @@ class HalfStep(FedAvg):
 
 def test_a_users_own_strategy_class_by_import_path():
     got = _rounds(_build("tests.test_flower_strategies:HalfStep"), [EQUAL])
-    want = _rounds(build_strategy("fedavg", validate({"tiers": "1,2,3"})), [EQUAL])
+    want = _rounds(build_strategy("fedavg", validate(BASE)), [EQUAL])
     for k in GLOBAL:
         assert np.allclose(got[k] - GLOBAL[k], (want[k] - GLOBAL[k]) / 2, atol=1e-6)
 
@@ -333,7 +353,7 @@ def test_a_users_own_strategy_class_by_import_path():
 )
 def test_a_bad_strategy_name_or_argument_names_its_key(cfg, key, words):
     with pytest.raises(ConfigError) as err:
-        full = validate({"tiers": "1,2,3", **cfg})
+        full = validate({**BASE, **cfg})
         build_strategy(full["strategy"], full)
     assert err.value.key == key
     assert words in str(err.value)

@@ -22,6 +22,9 @@ GLOBAL = {
     "heads.2.w": np.array([7.0, -7.0], np.float32),
 }
 BLOCK = {"adapters.0.w": 1, "heads.0.w": 1, "adapters.1.w": 2, "heads.2.w": 3}
+# The clients here send their heads' deltas, as they do when they train the heads
+# (with closed-form heads they leave them out: test_fitted_heads_*).
+BASE = {"tiers": "1,2,3", "heads": "trained"}
 
 # (node, depth, num-examples, seed) of round 1: every tier takes part.
 ROUND1 = [(1, 1, 10, 1), (2, 1, 500, 2), (3, 2, 40, 3), (4, 2, 5, 4), (5, 3, 25, 5)]
@@ -39,7 +42,7 @@ def _replies(clients):
 
 
 def _strategy(name, **cfg):
-    s = build_strategy(name, validate({"strategy": name, "tiers": "1,2,3", **cfg}))
+    s = build_strategy(name, validate({**BASE, "strategy": name, **cfg}))
     s.global_arrays = {k: v.copy() for k, v in GLOBAL.items()}
     return s
 
@@ -205,6 +208,24 @@ def test_sparse_updates_are_decoded_from_the_senders_depth():
     assert lying.last_round["dropped"] == 1 and "does not fit" in lying.last_round["dropped-reasons"][0]
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "median"])
+def test_fitted_heads_stay_out_of_updates_and_keep_their_value(name):
+    # heads = "ridge": clients send their adapters only, dense or packed; the server's heads stay put
+    adapters = lambda d, seed: {k: v for k, v in _deltas(d, seed).items() if not k.startswith("heads.")}  # noqa: E731
+    dense = [reply(adapters(d, seed), n, d, node) for node, d, n, seed in ROUND1]
+    packed = [reply(topk_encode(adapters(d, seed), 0.5)[0], n, d, node) for node, d, n, seed in ROUND1]
+    for replies in (dense, packed):
+        s = _strategy(name, heads="ridge")
+        new = to_numpy(s.aggregate_train(1, replies)[0])
+        assert s.last_round["dropped"] == 0
+        assert all(np.array_equal(new[k], GLOBAL[k]) for k in GLOBAL if k.startswith("heads."))
+        assert all(not np.array_equal(new[k], GLOBAL[k]) for k in GLOBAL if k.startswith("adapters."))
+    # a packed update laid out over the heads too (a client that trains them) does not fit
+    s = _strategy(name, heads="ridge")
+    s.aggregate_train(1, [reply(topk_encode(_deltas(2, 1), 0.5)[0], 10, 2, 1)])
+    assert s.last_round["dropped"] == 1
+
+
 def _decoded(payload, depth):
     from core.codec import decode
 
@@ -264,7 +285,7 @@ def test_hyper_parameters_come_from_the_run_config():
 )
 def test_bad_strategy_settings_name_their_key(cfg, key):
     with pytest.raises(ConfigError) as err:
-        full = validate({"tiers": "1,2,3", **cfg})
+        full = validate({**BASE, **cfg})
         build_strategy(full["strategy"], full)
     assert err.value.key == key
 
