@@ -4,7 +4,9 @@ One client's training step on random data of the backbone's input size,
 same batch size for every configuration:
 
 - ours, depth d: the project's own `adapters.training.train_local` on an
-  AnytimeViT (frozen backbone, adapters + exits 1..d train);
+  AnytimeViT with the run config's defaults (frozen backbone; adapters 1..d
+  train; the closed-form heads, which read the CLS and mean patch token,
+  do not);
 - full fine-tuning: the same timm backbone with every weight trainable and
   one linear head at the end, AdamW, cross-entropy.
 
@@ -71,15 +73,17 @@ def worker(job: dict) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     from adapters.backbone import load_backbone
+    from adapters.build import with_adapters
     from adapters.compat import import_timm
-    from adapters.model import AnytimeViT
     from adapters.optim import make_optimizer
     from adapters.training import TrainSettings, train_local
+    from core.config import validate
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
     torch.manual_seed(0)
+    cfg = validate({})  # ours with the run config's defaults
     size = {k: v for k, v in (("img_size", job["img"]), ("patch_size", job["patch"])) if v}
     if job["method"] == "full":
         timm = import_timm()
@@ -87,9 +91,9 @@ def worker(job: dict) -> dict:
 
         model = timm.create_model(job["model"], pretrained=False, num_classes=job["classes"], **size)
     else:
-        model = AnytimeViT(
-            load_backbone(job["model"], img_size=job["img"] or None, patch_size=job["patch"] or None), job["classes"]
-        )
+        # the run config's model and head defaults (exit-patch-mean, exit-ensemble, closed-form heads)
+        backbone = load_backbone(job["model"], img_size=job["img"] or None, patch_size=job["patch"] or None)
+        model = with_adapters(backbone, job["classes"], cfg)
     model.to(device)
     if job["variant"] == "channels-last":
         model.to(memory_format=torch.channels_last)
@@ -137,6 +141,7 @@ def worker(job: dict) -> dict:
         weight_decay=1e-4,
         autocast="bf16" if bf16 else "none",
         block_grad=job["variant"] != "grad-stop",
+        train_heads=cfg["heads"] != "ridge",
     )
     rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
     if cuda:
@@ -179,7 +184,7 @@ def worker(job: dict) -> dict:
         "rss-before-train-mb": rss0 / 2**20,
         "maxrss-before-train-mb": maxrss0 / 2**20,
         "threads": torch.get_num_threads(),
-        "trainable-params": _trained_params(model, job),
+        "trainable-params": _trained_params(model, job, cfg),
     }
     if cuda:
         out["peak-train-mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
@@ -189,13 +194,15 @@ def worker(job: dict) -> dict:
     return out
 
 
-def _trained_params(model, job: dict) -> int:
+def _trained_params(model, job: dict, cfg: dict) -> int:
     if job["method"] == "full":
         return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
     from adapters.state import trainable_names
+    from core.naming import sent_up_to
 
     named = dict(model.trainable_named_parameters())
-    return int(sum(named[n].numel() for n in trainable_names(model, job["depth"])))
+    trained = sent_up_to(trainable_names(model), job["depth"], cfg["heads"] == "ridge")
+    return int(sum(named[n].numel() for n in trained))
 
 
 class _Compiled:
