@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from core.config import settings
+from core.config import clients_train_heads, settings
 from core.naming import sent_up_to
 
 from .model import AnytimeViT
@@ -57,9 +57,9 @@ class TrainSettings:
             values.update(
                 epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw", logit_adjust=0.0
             )
-            return cls(**values, train_heads=cfg["heads"] != "ridge")
+            return cls(**values, train_heads=clients_train_heads(cfg))
         values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
-        return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=cfg["heads"] != "ridge")
+        return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=clients_train_heads(cfg))
 
 
 def label_counts(ds, num_classes: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ from adapters.head_fit import exit_statistics, solve_heads
 from adapters.optim import make_optimizer
 from adapters.state import set_state
 from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior, round_lr
-from core.config import validate
+from core.config import clients_train_heads, validate
 from core.naming import sent_by_clients
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
@@ -67,7 +67,7 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
         logit_adjust=cfg["logit-adjust"],
         block_grad=cfg["grad-through-blocks"],
     )
-    fitted = cfg["heads"] == "ridge"
+    fitted = not clients_train_heads(cfg)
     params = [p for n, p in model.trainable_named_parameters() if sent_by_clients(n, fitted)]
     opt = make_optimizer(params, cfg["optimizer"], cfg["lr"], cfg["weight-decay"])
     prior = None

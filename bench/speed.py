@@ -77,7 +77,7 @@ def worker(job: dict) -> dict:
     from adapters.compat import import_timm
     from adapters.optim import make_optimizer
     from adapters.training import TrainSettings, train_local
-    from core.config import validate
+    from core.config import clients_train_heads, validate
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -141,7 +141,7 @@ def worker(job: dict) -> dict:
         weight_decay=1e-4,
         autocast="bf16" if bf16 else "none",
         block_grad=job["variant"] != "grad-stop",
-        train_heads=cfg["heads"] != "ridge",
+        train_heads=clients_train_heads(cfg),
     )
     rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
     if cuda:
@@ -198,10 +198,11 @@ def _trained_params(model, job: dict, cfg: dict) -> int:
     if job["method"] == "full":
         return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
     from adapters.state import trainable_names
+    from core.config import clients_train_heads
     from core.naming import sent_up_to
 
     named = dict(model.trainable_named_parameters())
-    trained = sent_up_to(trainable_names(model), job["depth"], cfg["heads"] == "ridge")
+    trained = sent_up_to(trainable_names(model), job["depth"], not clients_train_heads(cfg))
     return int(sum(named[n].numel() for n in trained))
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, label_counts, train_local
 from core.codec import payload_bytes, topk_encode
-from core.config import parse_attackers, validate
+from core.config import clients_train_heads, parse_attackers, validate
 from core.naming import sent_up_to
 from core.records import arrays_of, to_numpy, to_record
 from runtime.models import model_and_spec
@@ -84,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
 
     new = get_state(model, depth)
     # closed-form heads are the server's: their deltas are zero and stay home
-    delta = {k: new[k] - received[k] for k in sent_up_to(new, depth, cfg["heads"] == "ridge")}
+    delta = {k: new[k] - received[k] for k in sent_up_to(new, depth, not clients_train_heads(cfg))}
     if pid in parse_attackers(cfg):
         # Robustness benchmarks (attack-partitions): noise instead of the update.
         delta = attack_noise(cfg, pid, server_round, delta)

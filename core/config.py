@@ -459,6 +459,12 @@ _BY_NAME = {k.name: k for k in KEYS}
 BEFORE_KEY: dict[str, Any] = {"exit-ensemble": False, "exit-patch-mean": False}
 
 
+def clients_train_heads(cfg: dict[str, Any]) -> bool:
+    """Whether clients train, and so send, the exit heads: not with `heads = "ridge"`, whose
+    heads only the server fits. Client, strategy and codec layout must agree on it."""
+    return cfg["heads"] != "ridge"
+
+
 def keys_in(group: str) -> tuple[str, ...]:
     """Names of the keys of `group`, and of the keys that shape its objects."""
     assert group in GROUPS, group

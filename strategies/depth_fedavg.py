@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from core.codec import CodecError, decode, is_packed, payload_bytes
-from core.config import parse_tier_names, parse_tiers
+from core.config import clients_train_heads, parse_tier_names, parse_tiers
 from core.naming import param_block, sent_up_to, up_to_depth
 from core.records import arrays_of, metrics_of, metrics_or_empty, to_numpy, to_record
 
@@ -111,7 +111,7 @@ class DepthAwareFedAvg(FedAvg):
             "min_nodes": cfg["min-nodes"],
             "server_lr": cfg["server-lr"],
             "tier_names": dict(zip(depths, names)),
-            "fitted_heads": cfg["heads"] == "ridge",
+            "fitted_heads": not clients_train_heads(cfg),
         }
 
     @classmethod
