@@ -85,7 +85,11 @@ class ExitHead(nn.Module):
 
     def forward(self, summary: torch.Tensor, cls: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         """patches: (B, D) the block's mean patch token; read only with `patch_mean`."""
-        h = self.norm(summary + cls)
+        return self.read(summary + cls, patches)
+
+    def read(self, token: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the token the exit reads (m_0 + c_l) and, with `patch_mean`, the mean patch token."""
+        h = self.norm(token)
         if self.patch_norm is not None:
             h = torch.cat([h, self.patch_norm(patches)], dim=-1)
         return self.fc(h)

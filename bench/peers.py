@@ -55,6 +55,7 @@ from flwr.app import MessageType
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
+from adapters.accumulator import ExitHead
 from adapters.optim import make_optimizer
 from core.codec import payload_bytes
 from core.config import parse_tiers, validate
@@ -131,22 +132,16 @@ def run_ours(cfg: dict, nodes: int, rounds: int) -> dict:
 # -- the peers: one depth-aware FedAvg loop ---------------------------------
 
 
-class PeerHead(nn.Module):
-    """LayerNorm+linear on a block's CLS token; with `patch_mean` also on the block's mean patch
-    token, as ours' exits read them (`exit-patch-mean`), so the comparison separates the method
-    from what its heads read. Input: (B, D) or, with `patch_mean`, (B, 2D) = [cls, patch mean]."""
-
-    def __init__(self, d: int, num_classes: int, patch_mean: bool):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.patch_norm = nn.LayerNorm(d) if patch_mean else None
-        self.fc = nn.Linear(d * (2 if patch_mean else 1), num_classes)
+class PeerHead(ExitHead):
+    """Ours' exit head without an adapter: it reads the block's CLS token and, with `patch_mean`,
+    the mean patch token, as ours' exits do (`exit-patch-mean`), so the comparison separates the
+    method from what its heads read. Input: (B, D) or, with `patch_mean`, (B, 2D) = [cls, patch mean]."""
 
     def forward(self, f):
         if self.patch_norm is None:
-            return self.fc(self.norm(f))
+            return self.read(f)
         cls, patches = f.chunk(2, dim=-1)
-        return self.fc(torch.cat([self.norm(cls), self.patch_norm(patches)], dim=-1))
+        return self.read(cls, patches)
 
 
 def block_features(t: torch.Tensor, patch_mean: bool) -> torch.Tensor:
