@@ -171,6 +171,13 @@ KEYS: tuple[Key, ...] = (
             "the run, which then resumes from its last checkpoint with resume=true.",
             _positive,
         ),
+        Key(
+            "upload-stall-timeout",
+            30,
+            "Seconds the server waits for the next part of a reply whose upload has begun; a node stopped "
+            "mid-upload is then dropped from the round (Flower alone waits ~210 s).",
+            _positive,
+        ),
     ),
     # server aggregation
     *_section(

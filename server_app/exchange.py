@@ -10,9 +10,15 @@ ServerApp. Here:
 - replies are pulled one message id at a time, so an error while pulling
   one never drops the others that came back in the same request;
 - a failing push or pull is retried with growing waits (1 s, 2 s, 4 s … up
-  to 30 s); after `superlink-patience` seconds without one success the
-  round ends with `SuperLinkUnavailable`, and the ServerApp checkpoints and
-  stops, telling how to resume.
+  to 30 s); after `superlink-patience` seconds without one success (or one
+  call that long without an answer) the round ends with
+  `SuperLinkUnavailable`, and the ServerApp checkpoints and stops, telling
+  how to resume;
+- every call runs in a thread the loop watches (server_app.pull), so the
+  progress line keeps coming while Flower retries inside a call, and a
+  reply whose upload stops (its node stopped mid-upload) is dropped after
+  `upload-stall-timeout` seconds without a new part, not after Flower's
+  180 s session expiry.
 
 A grid without `push_messages`/`pull_messages` (the in-process LocalGrid)
 is served by its own `send_and_receive`.
@@ -29,6 +35,8 @@ from flwr.app import Message
 from flwr.common.logger import log
 
 from core.records import metrics_or_empty
+
+from .pull import SuperLinkSilent, pull_reply, watched
 
 POLL_S = 3.0
 PROGRESS_EVERY_S = 30.0
@@ -75,6 +83,8 @@ class _Retry:
         while True:
             try:
                 out = fn()
+            except SuperLinkSilent as err:  # one call already took the whole patience
+                raise SuperLinkUnavailable(f"{self.what} failed: {err}") from err
             except Exception as err:  # noqa: BLE001 - any SuperLink/transport error is retried, then reported
                 now = _clock()
                 self.failing_since = self.failing_since or now
@@ -101,10 +111,13 @@ class _Retry:
             return out
 
 
-def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, patience: float) -> list[Message]:
+def exchange(
+    grid, messages: Iterable[Message], *, timeout: float, label: str, patience: float, stall: float = 30.0
+) -> list[Message]:
     """Send `messages`, return the replies that came back within `timeout` seconds.
 
-    `label` names the round in the log (e.g. "round 2 train").
+    `label` names the round in the log (e.g. "round 2 train"); `stall` bounds
+    the wait for a reply whose upload has stopped.
     """
     messages = list(messages)
     if not messages:
@@ -112,8 +125,14 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
     nodes = [m.metadata.dst_node_id for m in messages]
+
+    def pushing(waited):
+        log(INFO, "%s: pushing %d messages, the SuperLink has not answered for %.0f s", label, len(messages), waited)
+
     ids = _Retry(patience, f"{label}: pushing {len(messages)} messages to the SuperLink")(
-        lambda: list(grid.push_messages(messages))
+        lambda: watched(
+            lambda: list(grid.push_messages(messages)), every=PROGRESS_EVERY_S, note=pushing, patience=patience
+        )
     )
     pending = {mid: node for mid, node in zip(ids, nodes) if mid}
     if len(pending) < len(messages):
@@ -123,10 +142,27 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
     pull = _Retry(patience, f"{label}: pulling replies from the SuperLink")
     replies: list[Message] = []
     start = _clock()
-    last_note = start
+    last_note = [start]
+
+    def progress(_waited=None):
+        last_note[0] = _clock()
+        log(
+            INFO,
+            "%s: %d/%d replies after %.0f s, waiting for %s",
+            label,
+            len(replies),
+            total,
+            last_note[0] - start,
+            _whom(pending.values()),
+        )
+
     while pending:
         for mid in list(pending):
-            got = pull(lambda: list(grid.pull_messages([mid])))
+            got = pull(
+                lambda: watched(
+                    lambda: pull_reply(grid, mid, stall), every=PROGRESS_EVERY_S, note=progress, patience=patience
+                )
+            )
             if got:
                 node = pending.pop(mid)
                 replies.extend(got)
@@ -145,17 +181,8 @@ def exchange(grid, messages: Iterable[Message], *, timeout: float, label: str, p
                 _whom(pending.values()),
             )
             break
-        if now - last_note >= PROGRESS_EVERY_S:
-            last_note = now
-            log(
-                INFO,
-                "%s: %d/%d replies after %.0f s, waiting for %s",
-                label,
-                len(replies),
-                total,
-                now - start,
-                _whom(pending.values()),
-            )
+        if now - last_note[0] >= PROGRESS_EVERY_S:
+            progress()
         _sleep(min(POLL_S, max(0.0, start + timeout - now)))
     return replies
 
@@ -174,6 +201,7 @@ class Exchange:
                 timeout=self.cfg["round-timeout"],
                 label=label,
                 patience=self.cfg["superlink-patience"],
+                stall=self.cfg["upload-stall-timeout"],
             )
         except SuperLinkUnavailable as err:
             raise SuperLinkUnavailable(f"{err}. {resume_hint(self.run_dir)}") from err
