@@ -16,10 +16,12 @@ from core.naming import sent_up_to
 from core.records import arrays_of, to_numpy, to_record
 from runtime.models import model_and_spec
 
+from . import watchdog
 from .personalize import personalize
 from .tiers import client_depth, node_cache_dir, node_run_config, partition_of
 
-app = ClientApp()
+# The watchdog ends a deployment's flwr-clientapp process that its SuperNode or its reply outlived.
+app = ClientApp(mods=[watchdog.mod])
 
 RESIDUAL = "topk-residual"
 
