@@ -11,6 +11,7 @@ COMMANDS = {
     "predict": ("anytime_fl.predict", "predict for images/audio at an exit or with a confidence threshold"),
     "plot": ("server_app.plots", "draw PNG plots of a run directory"),
     "partitions": ("anytime_fl.partitions", "print and save examples and classes per client of a task"),
+    "deploy-run": ("anytime_fl.deployrun", "flwr run on a deployment, resumed by itself after a SuperLink restart"),
     "check-config": ("anytime_fl.checkconfig", "check a run config (TOML presets + key=value overrides) before a run"),
 }
 
