@@ -40,10 +40,12 @@ sans="DNS:localhost,IP:127.0.0.1,IP:::1"
 for host in "$@"; do
     [[ -n $host ]] || continue
     if [[ $host =~ ^[0-9.]+$ || $host == *:* ]]; then
-        sans+=",IP:$host"
+        entry="IP:$host"
     else
-        sans+=",DNS:$host"
+        entry="DNS:$host"
     fi
+    # a name given twice (or one of the defaults) is listed once
+    [[ ",$sans," == *",$entry,"* ]] || sans+=",$entry"
 done
 # The subject CN is informational; clients check the SANs. ECDSA P-384 keys:
 # as strong as RSA-7680 and made in milliseconds rather than seconds.

@@ -111,6 +111,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     for server_round in range(start, num_rounds + 1):
         t0 = time.time()
         record = to_record(arrays)
+        preflight.await_round_nodes(grid, cfg["min-nodes"], f"round {server_round} train")
         replies = send(
             strategy.configure_train(server_round, record, ConfigRecord(), grid), f"round {server_round} train"
         )
@@ -126,6 +127,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
                 head_fit.record(run_dir, refit, cfg)
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
+            preflight.await_round_nodes(grid, cfg["min-nodes"], f"round {server_round} evaluate")
             eval_replies = send(
                 strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
                 f"round {server_round} evaluate",

@@ -39,6 +39,23 @@ def wait_for_nodes(grid: Grid, cfg: dict[str, Any], clock=time.monotonic, sleep=
         sleep(POLL_SECONDS)
 
 
+def await_round_nodes(grid: Grid, want: int, label: str, clock=time.monotonic, sleep=time.sleep, every=30.0) -> int:
+    """Wait (without limit) until `want` nodes are connected before a round samples them.
+
+    Flower's `sample_nodes` waits the same way but logs every second
+    ("Waiting for nodes to connect: 2 connected ..."); this logs when the
+    count changes and every `every` seconds, then the strategy samples at once.
+    """
+    said_count, said_at = None, 0.0
+    while (have := len(list(grid.get_node_ids()))) < want:
+        now = clock()
+        if have != said_count or now - said_at >= every:
+            log(INFO, "%s: waiting for nodes to connect: %d connected (min-nodes %d)", label, have, want)
+            said_count, said_at = have, now
+        sleep(POLL_SECONDS)
+    return have
+
+
 def partition_document(cfg: dict[str, Any], num_nodes: int) -> dict:
     """partition-stats of the federation, refusing one where a client would get no training example."""
     try:

@@ -95,6 +95,10 @@ def save_weights(run_dir: Path, arrays: dict[str, np.ndarray], metadata: dict) -
         str(path),
         metadata={k: json.dumps(v) for k, v in metadata.items()},
     )
+    # safetensors creates its file owner-only (0600); give it the mode of the run's other outputs.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
     return path
 
 

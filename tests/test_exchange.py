@@ -188,3 +188,20 @@ def test_a_long_list_of_awaited_nodes_is_cut_to_one_short_line():
     line = exchange._whom(range(1, 21))
     assert line.count("node ") == exchange.SHOWN_WAITING and line.endswith("and 15 more")
     assert exchange._whom([7]) == "node 7"
+
+
+def test_a_round_waiting_for_nodes_logs_when_the_count_changes_or_every_30_s(flwr_log):
+    from server_app import preflight
+
+    clock = FakeClock()
+    counts = iter([1] * 5 + [2] * 60 + [3])
+
+    class Nodes:
+        def get_node_ids(self):
+            return range(next(counts))
+
+    assert preflight.await_round_nodes(Nodes(), 3, "round 4 train", clock=clock, sleep=clock.sleep) == 3
+    lines = [line for line in flwr_log if line.startswith("round 4 train: waiting for nodes")]
+    # 65 s of waiting: the 1, the change to 2 (at 5 s), 2 again at 35 s (Flower: 65 lines)
+    assert len(lines) == 3, lines
+    assert "1 connected (min-nodes 3)" in lines[0] and "2 connected" in lines[1]
