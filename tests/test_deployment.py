@@ -3,11 +3,22 @@
 TLS is on with certificates from scripts/generate_certs.sh, and the
 SuperLink keeps its state in a SQLite file (`--database`); `flwr run` submits
 the app through a named SuperLink connection in a private FLWR_HOME, exactly
-as docs/deployment.md tells a user. Three SuperNodes reply at once for three
-rounds and no update may be lost; then one SuperNode is killed (SIGKILL, like
-a machine that loses power) and round 4 must finish with the others. Every
-process started here, and everything it spawned, is ended in the fixture's
-teardown, which fails if any survive.
+as docs/deployment.md tells a user, through `anytime-fl deploy-run`. Three
+SuperNodes reply at once for two rounds and no update may be lost. Then the
+failure drills of docs/deployment.md sections 6 and 6b:
+
+- one SuperNode is stopped with SIGTERM as it starts sending its round-3
+  update; round 3 must finish with the others, within `upload-stall-timeout`
+  of their replies rather than Flower's ~210 s;
+- the SuperLink is killed (SIGKILL) during round 4 and restarted on the
+  same --database; deploy-run resubmits the run with resume=true and it
+  completes, every round's row written once;
+- no `flwr-clientapp` process may be left a minute later.
+
+Every process started here, and everything it spawned, is ended in the
+fixture's teardown, which fails if any survive. The whole federation runs in
+the module's fixture, so pytest reports its minutes as the first test's
+setup.
 """
 
 from __future__ import annotations
@@ -31,20 +42,26 @@ from core.config import ConfigError, validate
 from server_app import results
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests that use the `deployment` fixture (real services, minutes); `-m "not e2e"` skips them.
+e2e = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 # For the whole federation. It takes 2-3 minutes on 2 idle cores: a killed
 # node's messages fail only when its heartbeat lapses (30-60 s), and each
 # node's first message fills its cache; a machine shared with other work
 # (load average 10-20 on 2 cores) needed over 10 minutes.
-DEADLINE_S = 900
+DEADLINE_S = 1500
 # Three machines: two state their depth, the third takes its tier's (pid 2 -> 6).
 NODE_CONFIGS = (
     "partition-id=0 num-partitions=3 max-depth=1",
     "partition-id=1 num-partitions=3 max-depth=2 data-dir='{data_dir}'",
     "partition-id=2 num-partitions=3",
 )
-KILLED = 0  # the partition whose SuperNode dies after round 3
-FULL_ROUNDS = 3  # rounds every node answers, all at once
+KILLED = 0  # the partition whose SuperNode is stopped mid-upload in round FULL_ROUNDS + 1
+FULL_ROUNDS = 2  # rounds every node answers, all at once
+NODE_STOPPED_ROUND = FULL_ROUNDS + 1
+LINK_KILLED_ROUND = FULL_ROUNDS + 2
+NUM_ROUNDS = FULL_ROUNDS + 3
+STALL_S = 30  # upload-stall-timeout, at its default
 CONNECTION = "anytime-test"
 
 
@@ -164,7 +181,7 @@ class Processes:
         return [p for p in self.seen if _alive(p)]
 
 
-def _wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen], logs: list[Path]):
+def _wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen], logs: list[Path], every=1.0):
     while time.monotonic() < deadline:
         value = check()
         if value:
@@ -174,7 +191,7 @@ def _wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen], 
                 pytest.fail(
                     f"{log.name}: process exited with {proc.returncode} while waiting for {what}:\n{_tail(log)}"
                 )
-        time.sleep(1)
+        time.sleep(every)
     pytest.fail(f"timed out waiting for {what}:\n" + "\n".join(f"--- {p.name}\n{_tail(p)}" for p in logs))
 
 
@@ -185,11 +202,20 @@ def _tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
-def _run_id(log: Path) -> str:
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("Successfully started run "):
-            return line.split()[-1]
-    pytest.fail(f"no run id in {log.name}:\n{_tail(log)}")
+def _clientapps(base: Path) -> list[int]:
+    """flwr-clientapp processes of this test's SuperNodes (their FLWR_HOME is under base)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-clientapp" in cmd and str(base).encode() in env and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def _rounds_written(run_dir: Path) -> int:
@@ -313,26 +339,36 @@ def deployment(tmp_path_factory):
 
         out_dir = base / "outputs"
         run_config = (
-            f"num-server-rounds={FULL_ROUNDS + 1} local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
+            f"num-server-rounds={NUM_ROUNDS} local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
             f"fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' "
             f"output-dir='{out_dir}' run-name='deploy'"
         )
-        logs["flwr-run"] = base / "flwr-run.log"
+        logs["flwr-run"] = base / "deploy-run.log"
         with open(logs["flwr-run"], "wb") as fh:
             run = subprocess.Popen(
-                [_exe("flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", run_config],
+                [
+                    sys.executable,
+                    "-m",
+                    "anytime_fl.cli",
+                    "deploy-run",
+                    str(ROOT),
+                    CONNECTION,
+                    "--run-config",
+                    run_config,
+                    "--poll",
+                    "3",
+                    "--superlink-wait",
+                    "600",
+                ],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=ROOT,
-                env=user_env,
+                env={**user_env, "PYTHONPATH": str(ROOT)},
                 preexec_fn=_die_with_parent,
             )
         procs.procs.append(run)
         run_dir = out_dir / "deploy"
-        # `flwr run --stream` may return while the run goes on (a log stream
-        # the SuperLink drops), so its exit is not watched; the run's whole
-        # log is fetched with `flwr log` at the end, as an operator would.
         watched = [link, *nodes]
         watched_logs = [logs["superlink"], *(logs[f"node{i}"] for i in range(3))]
         _wait_for(
@@ -342,23 +378,58 @@ def deployment(tmp_path_factory):
             watched,
             watched_logs,
         )
-        procs.kill_tree(nodes[KILLED])
+
+        # Drill 1: SIGTERM the node as it starts sending its round-3 update.
+        node_log = logs[f"node{KILLED}"]
+        _wait_for(
+            f"node {KILLED} sending its round-{NODE_STOPPED_ROUND} update",
+            lambda: node_log.read_text(errors="replace").count("Sending: train message") >= NODE_STOPPED_ROUND,
+            deadline,
+            watched,
+            watched_logs,
+            every=0.02,
+        )
+        procs.tree(nodes[KILLED])  # its SuperExec and ClientApp too: the teardown checks they are gone
+        nodes[KILLED].send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
         watched.pop(1 + KILLED)
         watched_logs.pop(1 + KILLED)
         _wait_for(
-            f"round {FULL_ROUNDS + 1} in results.jsonl",
-            lambda: _rounds_written(run_dir) > FULL_ROUNDS,
+            f"round {NODE_STOPPED_ROUND} in results.jsonl",
+            lambda: _rounds_written(run_dir) >= NODE_STOPPED_ROUND,
             deadline,
             watched,
             watched_logs,
         )
-        # The federation is over once the final weights are written; the
-        # end-of-run extras (anytime report, plots) are other tests' concern.
-        _wait_for("the final weights", lambda: (run_dir / results.WEIGHTS).is_file(), deadline, watched, watched_logs)
-        run_id = _run_id(logs["flwr-run"])
+        timing = {"node-stop-to-row-s": time.monotonic() - stopped_at}
+
+        # Drill 2: SIGKILL the SuperLink a few seconds into round 4, restart it on the same database.
+        time.sleep(5)
+        link_cmd, link_home = list(link.args), base / "superlink-home"
+        procs.tree(link)
+        os.kill(link.pid, signal.SIGKILL)  # only the SuperLink: its SuperExec and ServerApp follow it
+        link.wait(timeout=30)
+        killed_at = time.monotonic()
+        with open(logs["superlink"], "ab") as fh:
+            fh.write(b"\n--- SuperLink killed (SIGKILL) and restarted by the test ---\n")
+        logs["superlink-2"] = base / "superlink-2.log"
+        _wait_for("the old SuperLink's port to close", lambda: not listening(), deadline, [], [])
+        link = procs.start(link_cmd, logs["superlink-2"], link_home, base)
+        watched[0], watched_logs[0] = link, logs["superlink-2"]
+        _wait_for("the restarted SuperLink to listen", listening, deadline, [link], [logs["superlink-2"]])
+        _wait_for(
+            "deploy-run to end",
+            lambda: run.poll() is not None,
+            deadline,
+            watched,
+            [*watched_logs, logs["flwr-run"]],
+        )
+        timing["link-kill-to-end-s"] = time.monotonic() - killed_at
+        assert run.returncode == 0, _tail(logs["flwr-run"], 80)
+        run_ids = [line.split()[3] for line in logs["flwr-run"].read_text().splitlines() if " submitted (" in line]
         logs["flwr-log"] = base / "flwr-log.log"
         shown = subprocess.run(
-            [_exe("flwr"), "log", run_id, CONNECTION, "--show"],
+            [_exe("flwr"), "log", run_ids[0], CONNECTION, "--show"],
             env=user_env,
             capture_output=True,
             text=True,
@@ -366,6 +437,20 @@ def deployment(tmp_path_factory):
             cwd=ROOT,
         )
         logs["flwr-log"].write_text(shown.stdout + shown.stderr)
+        listed = subprocess.run(
+            [_exe("flwr"), "ls", CONNECTION, "--format", "json"],
+            env=user_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        statuses = {r["run-id"]: r["status"] for r in json.loads(listed.stdout[listed.stdout.find("{") :])["runs"]}
+        # A ClientApp may still be finishing the last message it was given: a minute at most.
+        end = time.monotonic() + 60
+        while _clientapps(base) and time.monotonic() < end:
+            time.sleep(2)
+        left = {"stopped-node": _clientapps(base / f"node-{KILLED}-home"), "all": _clientapps(base)}
 
         # TLS is really on: the SuperLink's port verifies against our CA for the
         # address the nodes dial, and a client trusting only public CAs is refused.
@@ -381,20 +466,32 @@ def deployment(tmp_path_factory):
         except ssl.SSLCertVerificationError:
             tls["public-ca"] = "refused"
 
-        yield {"rows": results.read_rows(run_dir), "run_dir": run_dir, "certs": certs, "tls": tls, "logs": logs}
+        yield {
+            "rows": results.read_rows(run_dir),
+            "run_dir": run_dir,
+            "certs": certs,
+            "tls": tls,
+            "logs": logs,
+            "run_ids": run_ids,
+            "statuses": statuses,
+            "clientapps-left": left,
+            "timing": timing,
+        }
     finally:
         survivors = procs.stop()
         assert not survivors, f"processes left running after the test: {survivors}"
 
 
-def test_rounds_run_over_tls_through_flwr_run(deployment):
+@e2e
+def test_rounds_run_over_tls_through_flwr_run_each_row_once(deployment):
     rows = deployment["rows"]
-    assert [r["round"] for r in rows] == list(range(1, FULL_ROUNDS + 2)), _tail(deployment["logs"]["flwr-run"])
+    assert [r["round"] for r in rows] == list(range(1, NUM_ROUNDS + 1)), _tail(deployment["logs"]["flwr-run"])
     assert (deployment["run_dir"] / results.WEIGHTS).is_file()
     assert deployment["tls"]["version"].startswith("TLS")
     assert deployment["tls"]["public-ca"] == "refused"
 
 
+@e2e
 def test_clients_of_every_depth_took_part(deployment):
     first = deployment["rows"][0]
     # max-depth 1 and 2 from the node configs, 6 from partition 2's tier
@@ -402,31 +499,60 @@ def test_clients_of_every_depth_took_part(deployment):
     assert sorted(c["partition-id"] for c in first["per-client"]) == [0, 1, 2]
 
 
+@e2e
 def test_no_update_is_lost_with_a_database_and_replies_arriving_together(deployment):
     for row in deployment["rows"][:FULL_ROUNDS]:
         assert row["clients"] == 3 and row["dropped"] == 0, row
         assert sorted(c["partition-id"] for c in row["per-client"]) == [0, 1, 2]
         assert row["duplicate-partition-ids"] == {}
     assert (deployment["run_dir"].parent.parent / "superlink-state.db").is_file()
-    assert "database is locked" not in deployment["logs"]["superlink"].read_text(errors="replace")
+    for log in ("superlink", "superlink-2"):
+        assert "database is locked" not in deployment["logs"][log].read_text(errors="replace")
 
 
+@e2e
 def test_the_operator_sees_replies_as_they_arrive(deployment):
     stream = deployment["logs"]["flwr-log"].read_text(errors="replace")
     assert "round 2 train: 3/3 replies" in stream, _tail(deployment["logs"]["flwr-log"])
     assert "round 2 train: 1/3 replies" in stream and "waiting for node" in stream
 
 
-def test_a_supernode_killed_mid_run_does_not_stop_the_federation(deployment):
-    second = deployment["rows"][FULL_ROUNDS]
-    assert second["clients"] == 2
-    assert sorted(c["partition-id"] for c in second["per-client"]) == [1, 2]
-    assert second["clients-per-depth"] == {"2": 1, "6": 1}
-    # The dead node was either still sampled (its message then comes back as
-    # an error once its heartbeat lapses) or already gone from the node list.
-    assert second["dropped"] in (0, 1)
+@e2e
+def test_a_supernode_stopped_mid_upload_costs_its_round_the_stall_bound_not_minutes(deployment):
+    row = deployment["rows"][NODE_STOPPED_ROUND - 1]
+    assert row["clients"] == 2
+    assert sorted(c["partition-id"] for c in row["per-client"]) == [1, 2]
+    assert row["clients-per-depth"] == {"2": 1, "6": 1}
+    # Stopped before its reply was announced, its message fails at once (signed off);
+    # after, its upload stalls and is given up after upload-stall-timeout.
+    assert row["dropped"] in (0, 1)
+    # Before: Flower's pull waited ~210 s for the cut upload. Now the stall bound (30 s)
+    # plus the other nodes' training on a loaded 2-core machine.
+    assert deployment["timing"]["node-stop-to-row-s"] < STALL_S + 90, deployment["timing"]
 
 
+@e2e
+def test_a_superlink_killed_mid_round_and_restarted_is_resumed_to_completion(deployment):
+    ids, statuses = deployment["run_ids"], deployment["statuses"]
+    assert len(ids) >= 2, _tail(deployment["logs"]["flwr-run"], 80)
+    assert statuses[ids[0]].startswith("finished:failed"), statuses
+    assert statuses[ids[-1]] == "finished:completed", statuses
+    out = deployment["logs"]["flwr-run"].read_text(errors="replace")
+    assert "run name 'deploy'" in out and "resuming 'deploy'" in out
+    rows = deployment["rows"]
+    assert [r["round"] for r in rows] == list(range(1, NUM_ROUNDS + 1))
+    assert all(r["clients"] == 2 for r in rows[LINK_KILLED_ROUND - 1 :])
+
+
+@e2e
+def test_no_clientapp_process_outlives_its_supernode(deployment):
+    # Without the ClientApp's watchdog, the stopped node's ClientApp outlived it by minutes.
+    # Known gap: ClientApps of the run the SuperLink restart failed, on nodes that stay up,
+    # were seen alive 6 min later (deployment["clientapps-left"]["all"]); see docs/deployment.md.
+    assert deployment["clientapps-left"]["stopped-node"] == []
+
+
+@e2e
 def test_generated_server_certificate_names_every_host(deployment):
     cert = x509.load_pem_x509_certificate((deployment["certs"] / "server.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -436,6 +562,7 @@ def test_generated_server_certificate_names_every_host(deployment):
     assert key_file.stat().st_mode & 0o077 == 0, "the server's private key must not be readable by others"
 
 
+@e2e
 def test_generate_certs_refuses_to_replace_an_existing_ca(deployment):
     out = subprocess.run(
         ["bash", str(ROOT / "scripts/generate_certs.sh"), "-o", str(deployment["certs"])],
@@ -480,3 +607,35 @@ def test_superlink_wrapper_lengthens_the_sqlite_lock_wait(monkeypatch, tmp_path)
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 123_456
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+def test_generate_certs_lists_a_name_given_twice_once(tmp_path):
+    out = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts/generate_certs.sh"),
+            "-o",
+            str(tmp_path),
+            "localhost",
+            "127.0.0.1",
+            "a.test",
+            "a.test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [str(v) for v in sans.get_values_for_type(x509.DNSName) + sans.get_values_for_type(x509.IPAddress)]
+    assert sorted(names) == sorted(["localhost", "a.test", "127.0.0.1", "::1"])
+
+
+def test_the_weights_file_gets_the_mode_of_the_other_outputs(tmp_path):
+    import numpy as np
+
+    other = tmp_path / results.RESULTS
+    other.write_text("")
+    path = results.save_weights(tmp_path, {"w": np.zeros(3, np.float32)}, {})
+    assert path.stat().st_mode & 0o777 == other.stat().st_mode & 0o777
