@@ -407,8 +407,9 @@ KEYS: tuple[Key, ...] = (
         "data",
         Key(
             "task",
-            "digits",
-            "Federated task: digits, cifar100, femnist or speechcommands (see docs/tasks.md).",
+            "chars",
+            "Federated task: chars (offline: 62 characters rendered from 22 typefaces, one typeface per "
+            "client), digits (offline, small: a smoke test), cifar100, femnist or speechcommands (see docs/tasks.md).",
             shapes=("model",),
         ),
         Key(

@@ -10,7 +10,7 @@ from tests.localgrid import ensure_task_identity
 
 ensure_task_identity()
 
-TINY = {"backbone-weights": "", "local-epochs": 1, "batch-size": 16}
+TINY = {"task": "digits", "backbone-weights": "", "local-epochs": 1, "batch-size": 16}
 
 
 def context(node_config: dict, run_config: dict, node_id: int = 1) -> Context:

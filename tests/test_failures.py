@@ -26,6 +26,7 @@ from tests.test_pretrain import fake_fmnist  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
+    "task": "digits",
     "backbone-weights": "",
     "num-server-rounds": 1,
     "local-epochs": 1,
