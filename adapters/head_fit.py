@@ -10,6 +10,14 @@ most of its accuracy (docs/benchmarks.md).
 
 `exit_statistics` runs on a client (torch); `solve_heads` on the server
 (numpy only).
+
+Bytes: G grows with the square of the feature width, so the statistics
+travel in float32 (the server sums and solves in float64) and, where the
+features are wider than the budget allows, as the sums of a fixed random
+projection of phi (orthonormal rows, drawn from the run's seed): the heads
+are fitted in the projected space and mapped back (`stat_dim`,
+`projection`). The default budget is one dense adapter update of the same
+depth (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,16 +38,57 @@ def stat_name(exit_index: int, kind: str) -> str:
     return f"heads.{exit_index}.fc.{kind}"
 
 
+def stat_dim(budget: int, classes: int, width: int) -> int:
+    """The widest projection k <= width whose statistics per exit (G of the k features and the
+    constant, its upper triangle, and R) hold at most `budget` numbers."""
+    k = width
+    while k > 1 and (k + 1) * (k + 2) // 2 + (k + 1) * classes > budget:
+        k -= 1
+    return k
+
+
+def projection(width: int, k: int, seed: int) -> np.ndarray | None:
+    """A fixed (k, width) matrix with orthonormal rows that client and server draw alike from
+    `seed`; None when k >= width (the features travel as they are).
+
+    Orthonormal rows keep |P h| <= |h|: the bound LayerNorm puts on phi holds for P phi.
+    """
+    if k >= width:
+        return None
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((width, k)))
+    return np.ascontiguousarray(q.T)
+
+
+def unpack_gram(upper: np.ndarray) -> np.ndarray:
+    """The symmetric G from its upper triangle (row-major), in float64."""
+    dim = int((np.sqrt(8 * len(upper) + 1) - 1) / 2)
+    if dim * (dim + 1) // 2 != len(upper):
+        raise ValueError(f"{len(upper)} numbers are not the upper triangle of a square matrix")
+    gram = np.zeros((dim, dim))
+    gram[np.triu_indices(dim)] = upper
+    return gram + np.triu(gram, 1).T
+
+
+def pack_gram(gram: np.ndarray) -> np.ndarray:
+    return gram[np.triu_indices(len(gram))]
+
+
 @torch.no_grad()
-def exit_statistics(model: AnytimeViT, loader: DataLoader, depth: int) -> tuple[dict[str, np.ndarray], int]:
+def exit_statistics(
+    model: AnytimeViT, loader: DataLoader, depth: int, proj: np.ndarray | None = None
+) -> tuple[dict[str, np.ndarray], int]:
     """G (its upper triangle, row-major) and R of exits 1..depth over the loader's examples
-    (float64); and the example count."""
+    (summed in float64, sent as float32), of the features times `proj` when given; and the
+    example count."""
     feats: dict[int, torch.Tensor] = {}
     hooks = [
         model.heads[i].fc.register_forward_hook(lambda _m, inp, _out, i=i: feats.__setitem__(i, inp[0]))
         for i in range(depth)
     ]
     dim, classes = model.heads[0].fc.in_features, model.num_classes
+    p = None if proj is None else torch.from_numpy(np.asarray(proj, dtype=np.float64)).T
+    if p is not None:
+        dim = p.shape[1]
     gram = torch.zeros(depth, dim + 1, dim + 1, dtype=torch.float64)
     cross = torch.zeros(depth, dim + 1, classes, dtype=torch.float64)
     seen = 0
@@ -50,7 +99,8 @@ def exit_statistics(model: AnytimeViT, loader: DataLoader, depth: int) -> tuple[
             model(x.to(dev), depth=depth)
             onehot = torch.nn.functional.one_hot(y.long(), classes).double()
             for i in range(depth):
-                phi = torch.cat([feats[i].double().cpu(), torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
+                f = feats[i].double().cpu()
+                phi = torch.cat([f if p is None else f @ p, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
                 gram[i] += phi.T @ phi
                 cross[i] += phi.T @ onehot
             seen += len(y)
@@ -60,15 +110,19 @@ def exit_statistics(model: AnytimeViT, loader: DataLoader, depth: int) -> tuple[
     out = {}
     upper = np.triu_indices(dim + 1)  # G is symmetric: half of it travels
     for i in range(depth):
-        # float64 on the wire: with a small ridge penalty float32 sums would
-        # cost the solve several digits (condition number ~ 1 / ridge-lambda)
-        out[stat_name(i, GRAM)] = gram[i].numpy()[upper]
-        out[stat_name(i, CROSS)] = cross[i].numpy()
+        # float32 on the wire: summed and solved in float64 on the server, the
+        # fit's test accuracy is that of float64 statistics (docs/benchmarks.md)
+        out[stat_name(i, GRAM)] = gram[i].numpy()[upper].astype(np.float32)
+        out[stat_name(i, CROSS)] = cross[i].numpy().astype(np.float32)
     return out, seen
 
 
 def solve_heads(
-    sums: dict[str, np.ndarray], counts: dict[int, int], lam: float, scale: float = 1.0
+    sums: dict[str, np.ndarray],
+    counts: dict[int, float],
+    lam: float,
+    scale: float = 1.0,
+    proj: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """heads.<i>.fc.weight/bias minimising the mean squared error to one-hot labels + lam |W|^2,
     times `scale`.
@@ -81,7 +135,8 @@ def solve_heads(
     scores near 0 and 1; `scale` turns them into
     logits whose softmax is confident where the scores are (early exit
     reads that confidence) and whose cross-entropy gradient in local
-    training does not tear the fitted heads apart.
+    training does not tear the fitted heads apart. Statistics of projected
+    features (`proj`) give weights on the projection, mapped back to phi.
     """
     heads: dict[str, np.ndarray] = {}
     fitted = {i: n for i, n in counts.items() if n > 0}
@@ -91,15 +146,34 @@ def solve_heads(
     widest = federation_exit(counts)
     prior = _log_prior(sums, widest) if widest is not None else None
     for i, n in sorted(fitted.items()):
-        cross = sums[stat_name(i, CROSS)] / n
-        gram = np.zeros((len(cross), len(cross)))
-        gram[np.triu_indices(len(cross))] = sums[stat_name(i, GRAM)] / n
-        gram = gram + np.triu(gram, 1).T
-        w = scale * np.linalg.solve(gram + lam * np.eye(len(gram)), cross)  # (D+1, C)
+        w = scale * ridge(unpack_gram(sums[stat_name(i, GRAM)]), sums[stat_name(i, CROSS)], n, lam)  # (D+1, C)
         bias = w[-1] + prior - _log_prior(sums, i)
-        heads[f"heads.{i}.fc.weight"] = np.ascontiguousarray(w[:-1].T, dtype=np.float32)
+        weight = w[:-1].T if proj is None else w[:-1].T @ proj
+        heads[f"heads.{i}.fc.weight"] = np.ascontiguousarray(weight, dtype=np.float32)
         heads[f"heads.{i}.fc.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
     return heads
+
+
+def ridge(gram: np.ndarray, cross: np.ndarray, n: float, lam: float) -> np.ndarray:
+    """argmin_W |phi W - y|^2 / n + lam |W|^2 from G, R and the example count n, in float64."""
+    gram = np.asarray(gram, dtype=np.float64) / n
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), np.asarray(cross, dtype=np.float64) / n)
+
+
+def feature_bound(arrays: dict[str, np.ndarray], exit_index: int) -> float:
+    """The largest |h| an exit's fc input h can have, from its LayerNorms' affine parameters.
+
+    LayerNorm(x) = g * z + b with z of zero mean and |z|^2 = D var / (var + eps) < D,
+    so |LayerNorm(x)| <= max|g| sqrt(D) + |b|; h is one such half or two side by side.
+    """
+    total = 0.0
+    for norm in ("norm", "patch_norm"):
+        g = arrays.get(f"heads.{exit_index}.{norm}.weight")
+        if g is None:
+            continue
+        b = arrays[f"heads.{exit_index}.{norm}.bias"].astype(np.float64)
+        total += (float(np.abs(g).max()) * np.sqrt(g.size) + float(np.linalg.norm(b))) ** 2
+    return float(np.sqrt(total))
 
 
 def federation_exit(counts: dict[int, int]) -> int | None:

@@ -10,7 +10,12 @@ serialises). Rows:
   float32 dense (and, for reference, the same delta top-k 1% encoded);
 - head-only: the linear classifier on the final CLS token;
 - ours at each tier (blocks 1..d): the adapters and exit heads a depth-d
-  client trains, dense and top-k at 10% and 1%.
+  client trains, dense and top-k at 10% and 1%;
+- with closed-form heads (`heads` other than "trained", the default
+  "ridge"): the statistics a depth-d node sends per head fit
+  (adapters/head_fit.py), as sent now (float32, projected to
+  `head-features`, by default the width that fits one dense adapter
+  update) and as sent before (float64, every feature).
 
 Downlink (what the server sends a client of that tier) is the dense
 float32 state of the same parameters.
@@ -31,9 +36,11 @@ from benchkit import RESULTS, Report, human_bytes, parse_overrides, table
 from adapters.backbone import load_backbone
 from adapters.build import with_adapters
 from adapters.compat import import_timm
+from adapters.head_fit import CROSS, GRAM, stat_name
 from adapters.state import get_state, trainable_names
 from core.codec import payload_bytes, topk_encode
 from core.config import ConfigError, validate
+from server_app.head_fit import plan
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224"
 
@@ -56,6 +63,16 @@ def one_step_delta(
 def encoded(delta: dict[str, np.ndarray], fraction: float) -> int:
     payload, _ = topk_encode(delta, fraction)
     return payload_bytes(payload)
+
+
+def statistics_shapes(depth: int, dim: int, classes: int, dtype) -> dict[str, np.ndarray]:
+    """Arrays shaped like a depth-`depth` node's head statistics of `dim` features (values do not
+    change their encoded size)."""
+    out = {}
+    for i in range(depth):
+        out[stat_name(i, GRAM)] = np.zeros((dim + 1) * (dim + 2) // 2, dtype)
+        out[stat_name(i, CROSS)] = np.zeros((dim + 1, classes), dtype)
+    return out
 
 
 def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float], cfg: dict, batch: int) -> list[dict]:
@@ -101,6 +118,20 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
         rows.append(
             {"method": f"ours, depth {depth} (dense)", "depth": depth, "params": n, "up": encoded(d, 1.0), "down": down}
         )
+        if cfg["heads"] != "trained":
+            k, width = plan(get_state(model), cfg)
+            for label, dim, dtype in (("", k, np.float32), (", before (float64, every feature)", width, np.float64)):
+                stats = statistics_shapes(depth, dim, num_classes, dtype)
+                rows.append(
+                    {
+                        "method": f"head statistics, depth {depth}{label}",
+                        "depth": depth,
+                        "params": int(sum(a.size for a in stats.values())),
+                        "up": payload_bytes(stats),
+                        "down": down,  # the query carries the adapters of its blocks
+                        "features": f"{dim} of {width}",
+                    }
+                )
         for f in fractions:
             rows.append(
                 {

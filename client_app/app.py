@@ -119,17 +119,24 @@ def head_statistics(msg: Message, context: Context) -> Message:
     Asked for before round 1 and every `head-refit-every` rounds unless `heads` is "trained"
     (server_app/head_fit.py).
     """
-    from adapters.head_fit import exit_statistics
+    from adapters.head_fit import exit_statistics, projection
+
+    from .head_attacks import poison
 
     cfg, model, datasets, depth, pid, received = _setup(msg, context)
     train_ds, _ = datasets()
     if len(train_ds) == 0:
         raise ValueError(f"partition {pid} has no training examples")
-    sums, seen = exit_statistics(model, DataLoader(train_ds, batch_size=cfg["eval-batch-size"]), depth)
+    config = msg.content.config_records["config"]
+    width = model.heads[0].fc.in_features
+    # the server says how many features the statistics keep (head-features) and the projection's seed
+    proj = projection(width, int(config.get("stat-dim", width)), int(config.get("stat-seed", cfg["seed"])))
+    loader = DataLoader(train_ds, batch_size=cfg["eval-batch-size"])
+    sums, seen = exit_statistics(model, loader, depth, proj)
     if pid in parse_attackers(cfg):
-        # An attacker poisons its statistics too: their sum has no robust rule (docs/strategies.md).
-        server_round = int(msg.content.config_records["config"].get("server-round", 0))
-        sums = attack_noise(cfg, pid, server_round, sums)
+        # Robustness benchmarks: the server's checks and screen must stop these (server_app/head_guard.py).
+        server_round = int(config.get("server-round", 0))
+        sums, seen = poison(cfg["attack-heads"], sums, seen, lambda s: attack_noise(cfg, pid, server_round, s))
     metrics = {
         "num-examples": seen,
         "depth": depth,

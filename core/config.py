@@ -280,6 +280,28 @@ KEYS: tuple[Key, ...] = (
             _positive,
         ),
         Key(
+            "head-features",
+            0,
+            "With closed-form heads: nodes send the statistics of this many features per exit, a fixed random "
+            "projection of the head's input drawn from the seed (0 = as many as fit in one dense adapter update "
+            "of the same depth; at least the input's width = no projection). See docs/benchmarks.md.",
+            _non_negative,
+        ),
+        Key(
+            "head-weight-cap",
+            3.0,
+            "With closed-form heads: no node's statistics count for more than this many times the median node's "
+            "examples (0 = no cap).",
+            _non_negative,
+        ),
+        Key(
+            "head-screen",
+            0.5,
+            "With closed-form heads: a node is left out of an exit's fit when the other nodes' fit puts the class "
+            "means of more than this share of its examples in other classes (flipped labels; 1 = off).",
+            _fraction,
+        ),
+        Key(
             "logit-adjust",
             0.0,
             "Label-skew correction in local training: each exit's logits get + tau * log(client's label "
@@ -362,6 +384,15 @@ KEYS: tuple[Key, ...] = (
             _id_list,
         ),
         Key("attack-noise-std", 10.0, "Standard deviation of the noise attacking clients send.", _non_negative),
+        Key(
+            "attack-heads",
+            "noise",
+            "Benchmark/testing aid: what the attacking clients send as head statistics: 'noise' (N(0, "
+            "attack-noise-std^2)), 'scale-class' (class 0's feature sum times 1000), 'rotate-labels' (labels "
+            "shifted by one class), 'inflate-count' (everything times 100), 'fake-data' (their features ten times "
+            "over, every one labelled class 0).",
+            choices=("noise", "scale-class", "rotate-labels", "inflate-count", "fake-data"),
+        ),
         Key(
             "topk-fraction",
             1.0,

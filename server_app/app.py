@@ -216,8 +216,9 @@ def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_met
 def format_round(row: dict, num_rounds: int) -> str:
     accs = " ".join(f"{a:.2f}" for a in row["server"]["accuracy"])
     tiers = " ".join(f"d{d}:{n}" for d, n in row["clients-per-depth"].items())
+    heads = f" + head statistics up {row['head-fit-bytes-up'] / 1e6:.2f} MB" if row.get("head-fit-bytes-up") else ""
     return (
         f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
         f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
-        f"down {row['bytes-down'] / 1e6:.2f} MB | {row['seconds']:.1f}s"
+        f"down {row['bytes-down'] / 1e6:.2f} MB{heads} | {row['seconds']:.1f}s"
     )

@@ -5,9 +5,12 @@ Every node sends the sums a ridge regression of its exits' linear
 layers needs (adapters/head_fit.py); the server adds them up per exit and
 solves. Sums add exactly, so the heads are those a central fit on every
 node's training split would give, however skewed each node's labels are.
-The run's strategy does not see this exchange: the statistics are summed
-as they are (no clipping, noise or robust rule), which run() refuses for
-the differential-privacy strategies.
+The run's strategy does not see this exchange. Each reply is checked
+against what real features allow and its weight capped, and a node whose
+labels disagree with every other node's is left out of the exit's fit
+(server_app/head_guard.py); what is left out is logged and recorded with
+its reason. The sums carry no noise, which run() refuses for the
+differential-privacy strategies.
 """
 
 from __future__ import annotations
@@ -21,9 +24,23 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
-from adapters.head_fit import CROSS, GRAM, exit_label_counts, federation_exit, solve_heads, stat_name
-from core.naming import up_to_depth
+from adapters.head_fit import (
+    CROSS,
+    GRAM,
+    exit_label_counts,
+    feature_bound,
+    federation_exit,
+    pack_gram,
+    projection,
+    solve_heads,
+    stat_dim,
+    stat_name,
+)
+from core.config import clients_train_heads
+from core.naming import sent_up_to, up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
+
+from . import head_guard
 
 FILE = "head_fit.json"
 
@@ -35,6 +52,20 @@ def due(cfg: dict, server_round: int) -> bool:
     every = cfg["head-refit-every"]
     last = server_round == cfg["num-server-rounds"]
     return server_round == 0 or (every > 0 and (server_round % every == 0 or last))
+
+
+def plan(arrays: dict[str, np.ndarray], cfg: dict) -> tuple[int, int]:
+    """(k, width): the nodes send the statistics of k of the `width` features of each exit's fc
+    input (k = width: no projection). `head-features` 0 takes the widest k whose statistics
+    per exit fit in what a node sends per block in one dense adapter update, in float32."""
+    weight = arrays["heads.0.fc.weight"]
+    classes, width = weight.shape
+    if cfg["head-features"] > 0:
+        return min(cfg["head-features"], width), width
+    exits = _num_exits(arrays)
+    sent = sent_up_to(arrays, exits, not clients_train_heads(cfg))
+    per_block = sum(arrays[k].size for k in sent) // exits
+    return stat_dim(per_block, classes, width), width
 
 
 def fit_heads(
@@ -52,7 +83,9 @@ def fit_heads(
     """
     t0 = time.time()
     node_depth = node_depth or {}
-    config = ConfigRecord({"server-round": server_round})
+    k, width = plan(arrays, cfg)
+    proj = projection(width, k, cfg["seed"])
+    config = ConfigRecord({"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"]})
     records: dict[int | None, ArrayRecord] = {}  # converted once per depth, not once per node
     messages = []
     for node in grid.get_node_ids():
@@ -63,34 +96,59 @@ def fit_heads(
         messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
     replies = send(messages, label)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    clients, failed, up, down = 0, 0, 0, 0
+    bounds = [feature_bound(arrays, i) for i in range(_num_exits(arrays))]
+    accepted: list[dict] = []
+    left_out: list[dict] = []
+    shapes: dict[str, tuple] = {}
+    up, down = 0, 0
     for reply in replies:
+        node = reply.metadata.src_node_id
         try:
-            stats, depth, n, metrics = _check(reply, sums)
+            stats, depth, n, metrics = _check(reply, shapes, k + 1, bounds)
         except ValueError as err:
-            failed += 1
-            log(WARNING, "%s: reply of node %s left out: %s", label, reply.metadata.src_node_id, err)
+            pid = metrics_or_empty(reply.content).get("partition-id") if not reply.has_error() else None
+            left_out.append({"node": int(node), "partition-id": pid, "reason": str(err)[:300]})
+            log(WARNING, "%s: reply of node %s left out: %s", label, node, err)
             continue
-        for k, v in stats.items():
-            sums[k] = sums[k] + v if k in sums else v.astype(np.float64)
-        for i in range(depth):
-            counts[i] = counts.get(i, 0) + n
-        clients += 1
+        accepted.append(
+            {"node": int(node), "partition-id": metrics.get("partition-id"), "stats": stats, "depth": depth, "n": n}
+        )
         up += int(metrics.get("bytes-up", 0))
         down += int(metrics.get("bytes-down", 0))
-    if not clients:
+    if not accepted:
         log(WARNING, "%s: no node sent statistics; the exit heads stay as they are", label)
         return arrays, None
-    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"])}
+    sums, counts, capped, screened = _combine(accepted, cfg)
+    for c in capped:
+        log(
+            WARNING,
+            "%s: node %s counts as %.0f of its %d examples (head-weight-cap)",
+            label,
+            c["node"],
+            c["counted-as"],
+            c["num-examples"],
+        )
+    for s_ in screened:
+        log(
+            WARNING,
+            "%s: node %s left out of exits %s: the others' fit puts %s of its examples' class means in other classes",
+            label,
+            s_["node"],
+            s_["exits"],
+            s_["disagreement"],
+        )
+    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj)}
     summary = {
         "after-round": server_round,
         # the federation's training labels per class: personalisation moves heads from this prior to a node's
         "label-counts": [int(round(c)) for c in exit_label_counts(sums, federation_exit(counts))],
-        "clients": clients,
-        "failed": failed,
-        "examples-per-exit": [counts[i] for i in sorted(counts)],
+        "clients": len(accepted),
+        "failed": len(left_out),
+        "left-out": left_out,
+        "capped": capped,
+        "screened": screened,
+        "examples-per-exit": [int(round(counts[i])) for i in sorted(counts)],
+        "features": {"sent": k, "width": width},
         "bytes-up": up,
         "bytes-down": down,
         "seconds": round(time.time() - t0, 3),
@@ -100,12 +158,54 @@ def fit_heads(
         "%s: exits 1-%d fitted by ridge regression on %d nodes' features (%s examples per exit), up %.2f MB, %.1fs",
         label,
         max(counts) + 1,
-        clients,
+        len(accepted),
         "/".join(str(c) for c in summary["examples-per-exit"]),
         up / 1e6,
         summary["seconds"],
     )
     return fitted, summary
+
+
+def _num_exits(arrays: dict[str, np.ndarray]) -> int:
+    return len({k.split(".")[1] for k in arrays if k.startswith("heads.")})
+
+
+def _combine(accepted: list[dict], cfg: dict) -> tuple[dict, dict, list, list]:
+    """Per exit, the capped statistics of the nodes the screen keeps, summed (G as its upper
+    triangle, as solve_heads reads it); the examples behind each exit; who was capped and who
+    screened out."""
+    weights = head_guard.cap_weights({j: a["n"] for j, a in enumerate(accepted)}, cfg["head-weight-cap"])
+    capped = [
+        {
+            "node": a["node"],
+            "partition-id": a["partition-id"],
+            "num-examples": a["n"],
+            "counted-as": round(a["n"] * weights[j], 2),
+        }
+        for j, a in enumerate(accepted)
+        if weights[j] < 1.0
+    ]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[int, float] = {}
+    out: dict[int, dict] = {}
+    for i in range(max(a["depth"] for a in accepted)):
+        who = [j for j, a in enumerate(accepted) if a["depth"] > i]
+        stats = [
+            (*head_guard.exit_stats(accepted[j]["stats"], i, weights[j]), accepted[j]["n"] * weights[j]) for j in who
+        ]
+        dropped = head_guard.screen(stats, cfg["ridge-lambda"], cfg["head-screen"])
+        for idx, score in dropped.items():
+            a = accepted[who[idx]]
+            entry = out.setdefault(
+                who[idx], {"node": a["node"], "partition-id": a["partition-id"], "exits": [], "disagreement": []}
+            )
+            entry["exits"].append(i + 1)
+            entry["disagreement"].append(score)
+        kept = [s for idx, s in enumerate(stats) if idx not in dropped]
+        sums[stat_name(i, GRAM)] = pack_gram(sum(s[0] for s in kept))
+        sums[stat_name(i, CROSS)] = sum(s[1] for s in kept)
+        counts[i] = float(sum(s[2] for s in kept))
+    return sums, counts, capped, [out[j] for j in sorted(out)]
 
 
 def fits(run_dir: Path) -> list[dict]:
@@ -127,14 +227,16 @@ def record(run_dir: Path, summary: dict, cfg: dict) -> None:
     (Path(run_dir) / FILE).write_text(json.dumps(doc, indent=2))
 
 
-def _check(reply: Message, sums: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int, dict]:
+def _check(
+    reply: Message, shapes: dict[str, tuple], dim: int, bounds: list[float]
+) -> tuple[dict[str, np.ndarray], int, int, dict]:
     """A reply's statistics, depth and example count; ValueError says what is wrong with it."""
     if reply.has_error():
         raise ValueError(reply.error.reason[:200])
     metrics = metrics_or_empty(reply.content)
     depth, n = metrics.get("depth"), metrics.get("num-examples")
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"'depth' must be an integer >= 1, got {depth!r}")
+    if not isinstance(depth, int) or not 1 <= depth <= len(bounds):
+        raise ValueError(f"'depth' must be an integer in 1..{len(bounds)}, got {depth!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"'num-examples' must be an integer >= 1, got {n!r}")
     stats = to_numpy(arrays_of(reply.content))
@@ -142,8 +244,14 @@ def _check(reply: Message, sums: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
     if set(stats) != expected:
         raise ValueError(f"expected the statistics of exits 1-{depth}, got {sorted(stats)[:4]}...")
     for k, v in stats.items():
-        if k in sums and v.shape != sums[k].shape:
-            raise ValueError(f"{k} has shape {v.shape}, other nodes sent {sums[k].shape}")
+        want = (dim * (dim + 1) // 2,) if k.endswith(GRAM) else None
+        if want is not None and v.shape != want:
+            raise ValueError(f"{k} has shape {v.shape}, not the upper triangle of {dim} features and the constant")
+        if k in shapes and v.shape != shapes[k]:
+            raise ValueError(f"{k} has shape {v.shape}, other nodes sent {shapes[k]}")
         if not np.all(np.isfinite(v)):
             raise ValueError(f"{k} is not finite")
+    head_guard.check_statistics(stats, depth, n, bounds)
+    for k, v in stats.items():
+        shapes.setdefault(k, v.shape)
     return stats, depth, n, metrics

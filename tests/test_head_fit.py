@@ -83,8 +83,10 @@ def test_solved_heads_are_the_ridge_regression_of_their_features(patch_mean):
     for i, phi in enumerate(_features(model, ds, depth)):
         x = np.hstack([phi, np.ones((len(phi), 1))])
         w = np.linalg.solve(x.T @ x / n + lam * np.eye(x.shape[1]), x.T @ y / n)
-        np.testing.assert_allclose(heads[f"heads.{i}.fc.weight"], w[:-1].T, rtol=1e-3, atol=1e-4)
-        np.testing.assert_allclose(heads[f"heads.{i}.fc.bias"], w[-1], rtol=1e-3, atol=1e-4)
+        # float32 statistics: 80 examples of 97 features leave G singular but for lam, whose
+        # solve then moves by a few 1e-4 on weights of order 1
+        np.testing.assert_allclose(heads[f"heads.{i}.fc.weight"], w[:-1].T, rtol=0, atol=2e-3)
+        np.testing.assert_allclose(heads[f"heads.{i}.fc.bias"], w[-1], rtol=0, atol=2e-3)
     # loaded into the model, the exits answer with the fitted linear maps
     set_state(model, {**get_state(model), **heads})
     model.eval()
@@ -112,11 +114,11 @@ def test_a_deep_exit_fitted_on_fewer_nodes_moves_to_the_federations_label_prior(
     np.testing.assert_allclose(heads["heads.1.fc.bias"] - alone["heads.0.fc.bias"], federation - own, rtol=1e-5)
 
 
-def test_the_gram_matrix_travels_as_its_upper_triangle(model):
+def test_the_gram_matrix_travels_as_its_upper_triangle_in_float32(model):
     sums, _ = exit_statistics(model, DataLoader(_data(10, 4), batch_size=10), 1)
     dim = model.heads[0].fc.in_features + 1
     assert sums[stat_name(0, GRAM)].shape == (dim * (dim + 1) // 2,)
-    assert sums[stat_name(0, GRAM)].dtype == np.float64
+    assert sums[stat_name(0, GRAM)].dtype == np.float32
 
 
 def _cfg(tmp_path, **over):
@@ -254,3 +256,21 @@ def test_personalisation_moves_closed_form_heads_to_the_nodes_label_prior(fake_g
     assert len(sent) == 2 and all(list(c["label-counts"]) == fit["label-counts"] for c in sent)
     assert sum(fit["label-counts"]) == fit["examples-per-exit"][0]
     assert json.loads((run_dir / "personalization.json").read_text())["clients"] == 2
+
+
+@pytest.mark.parametrize("attack", ["scale-class", "rotate-labels"])
+def test_a_poisoning_node_is_left_out_of_the_fit_with_its_reason(fake_grid, tmp_path, attack):
+    cfg = _cfg(
+        tmp_path,
+        **{"tiers": "2", "head-refit-every": 0, "attack-partitions": "0", "attack-heads": attack, "local-epochs": 1},
+    )
+    run_dir = run(fake_grid(num_nodes=5, run_config=cfg), cfg)
+    fit = json.loads((run_dir / head_fit.FILE).read_text())["fits"][0]
+    if attack == "scale-class":  # the checks refuse it: R's columns no longer add up to G's
+        assert fit["clients"] == 4 and fit["failed"] == 1
+        assert fit["left-out"][0]["partition-id"] == 0 and "constant column" in fit["left-out"][0]["reason"]
+        assert fit["examples-per-exit"][0] < sum(fit["label-counts"]) + 1
+    else:  # consistent statistics: the screen leaves it out of both exits
+        assert fit["clients"] == 5 and fit["failed"] == 0
+        assert [(s["partition-id"], s["exits"]) for s in fit["screened"]] == [(0, [1, 2])]
+    assert fit["features"]["sent"] < fit["features"]["width"]  # projected to fit the adapter update's bytes

@@ -1,0 +1,128 @@
+"""What the server checks before it sums the nodes' head statistics, and the rule that
+leaves out statistics the checks cannot catch.
+
+A node's G = sum phi phi^T and R = sum phi y^T (phi = [h, 1], y one-hot)
+must be what some data set of `num-examples` examples with real exit
+features gives (`check_statistics`):
+
+- identities: G's corner is the example count; R's constant row counts
+  each class's examples (non-negative, summing to it); R summed over the
+  classes is G's constant column (sum phi);
+- bounds: each h is a LayerNorm'd token (or two side by side), so
+  |h| <= B (adapters.head_fit.feature_bound); the trace of G's feature
+  block is at most n B^2 and each class's feature sum at most n_c B;
+- G minus the class means' outer products, sum_c r_c r_c^T / n_c, is the
+  within-class scatter: positive semi-definite.
+
+A node that sends a consistent but made-up data set passes them. Two rules
+bound what it can do: no node counts for more than `head-weight-cap`
+times the median node's examples (`cap_weights`), and a node whose class
+means the other nodes' ridge fit assigns to other classes (labels that
+disagree with everyone else's: flipped, rotated, all one class) is left
+out of that exit's fit (`screen`). Classes no other node has are not
+judged, so a node alone with a class is not left out for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adapters.head_fit import CROSS, GRAM, ridge, stat_name, unpack_gram
+
+# float32 statistics: about 7 significant digits, sums of up to ~1e5 examples
+RTOL = 1e-4
+
+
+def check_statistics(stats: dict[str, np.ndarray], depth: int, n: int, bounds: list[float]) -> None:
+    """ValueError naming the first exit whose G and R no data set of n examples with features
+    |h| <= bounds[exit] gives."""
+    for i in range(depth):
+        try:
+            gram = unpack_gram(stats[stat_name(i, GRAM)].astype(np.float64))
+        except ValueError as err:
+            raise ValueError(f"exit {i + 1}: G: {err}") from None
+        cross = stats[stat_name(i, CROSS)].astype(np.float64)
+        if cross.ndim != 2 or cross.shape[0] != len(gram):
+            raise ValueError(f"exit {i + 1}: R has shape {cross.shape}, G is {gram.shape}")
+        _check_exit(gram, cross, n, bounds[i], f"exit {i + 1}")
+
+
+def _check_exit(gram: np.ndarray, cross: np.ndarray, n: int, bound: float, where: str) -> None:
+    counts = cross[-1]
+    if abs(gram[-1, -1] - n) > 0.5:
+        raise ValueError(f"{where}: G's constant corner is {gram[-1, -1]:.6g}, not the example count {n}")
+    if counts.min() < -0.5 or abs(counts.sum() - n) > 0.5:
+        raise ValueError(f"{where}: R's class counts {np.round(counts, 2).tolist()} do not add up to {n} examples")
+    scale = n * (bound + 1.0)
+    if np.abs(cross.sum(axis=1) - gram[:, -1]).max() > RTOL * scale:
+        raise ValueError(f"{where}: R summed over the classes is not G's constant column (sum of phi)")
+    if np.trace(gram[:-1, :-1]) > n * bound**2 * (1 + RTOL) + RTOL:
+        raise ValueError(
+            f"{where}: the trace of G, {np.trace(gram[:-1, :-1]):.6g}, exceeds what {n} features of norm "
+            f"<= {bound:.4g} allow"
+        )
+    norms = np.linalg.norm(cross[:-1], axis=0)
+    over = norms > np.maximum(counts, 0) * bound * (1 + RTOL) + RTOL * scale
+    if over.any():
+        c = int(np.argmax(over))
+        raise ValueError(
+            f"{where}: class {c}'s feature sum has norm {norms[c]:.6g}, more than its {counts[c]:.0f} examples "
+            f"of norm <= {bound:.4g} allow"
+        )
+    seen = counts > 0.5
+    means = cross[:, seen] / counts[seen]
+    within = gram - (means * counts[seen]) @ means.T
+    lowest = np.linalg.eigvalsh(within).min()
+    if lowest < -RTOL * max(np.trace(gram), 1.0):
+        raise ValueError(
+            f"{where}: G is not a sum of phi phi^T over its classes (within-class scatter eigenvalue {lowest:.3g})"
+        )
+
+
+def cap_weights(counts: dict[int, int], cap: float) -> dict[int, float]:
+    """Per node, the factor its statistics are scaled by so that none counts for more than
+    `cap` times the median node's examples (1.0 for most; 0 turns the cap off)."""
+    if cap <= 0 or not counts:
+        return {k: 1.0 for k in counts}
+    limit = cap * float(np.median(list(counts.values())))
+    return {k: min(1.0, limit / n) for k, n in counts.items()}
+
+
+def disagreement(stats: list[tuple[np.ndarray, np.ndarray, float]], lam: float) -> np.ndarray:
+    """Per node (G, R, n of one exit): the share of its examples whose class means the ridge fit
+    on the other nodes' sums assigns to another class; classes the others lack are not judged."""
+    total_g = sum(s[0] for s in stats)
+    total_r = sum(s[1] for s in stats)
+    total_n = sum(s[2] for s in stats)
+    out = np.zeros(len(stats))
+    for j, (g, r, n) in enumerate(stats):
+        others_r = total_r - r
+        judged = (r[-1] > 0.5) & (others_r[-1] > 0.5)
+        if not judged.any() or total_n - n <= 0:
+            continue
+        w = ridge(total_g - g, others_r, total_n - n, lam)
+        means = r[:, judged] / r[-1, judged]
+        wrong = (means.T @ w).argmax(axis=1) != np.flatnonzero(judged)
+        out[j] = r[-1, judged][wrong].sum() / r[-1, judged].sum()
+    return out
+
+
+def screen(stats: list[tuple[np.ndarray, np.ndarray, float]], lam: float, threshold: float) -> dict[int, float]:
+    """Indices of `stats` left out of one exit's fit, with their disagreement: the worst node
+    above `threshold` goes, then the rest are judged again without it (while 3 or more remain)."""
+    keep = list(range(len(stats)))
+    out: dict[int, float] = {}
+    while len(keep) >= 3 and threshold < 1.0:
+        scores = disagreement([stats[k] for k in keep], lam)
+        worst = int(np.argmax(scores))
+        if scores[worst] <= threshold:
+            break
+        out[keep.pop(worst)] = round(float(scores[worst]), 4)
+    return out
+
+
+def exit_stats(stats: dict[str, np.ndarray], i: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """One exit's full G and R, in float64, times `weight`."""
+    return weight * unpack_gram(stats[stat_name(i, GRAM)].astype(np.float64)), weight * stats[
+        stat_name(i, CROSS)
+    ].astype(np.float64)
