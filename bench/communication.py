@@ -13,9 +13,9 @@ serialises). Rows:
   client trains, dense and top-k at 10% and 1%;
 - with closed-form heads (`heads` other than "trained", the default
   "ridge"): the statistics a depth-d node sends per head fit
-  (adapters/head_fit.py), as sent now (float32, projected to
-  `head-features`, by default the width that fits one dense adapter
-  update) and as sent before (float64, every feature).
+  (adapters/head_fit.py), as sent now (float32, every feature by
+  default, `head-features`), projected to the width that fits one dense
+  adapter update, and as sent before (float64, every feature).
 
 Downlink (what the server sends a client of that tier) is the dense
 float32 state of the same parameters.
@@ -40,7 +40,7 @@ from adapters.head_fit import CROSS, GRAM, stat_name
 from adapters.state import get_state, trainable_names
 from core.codec import payload_bytes, topk_encode
 from core.config import ConfigError, validate
-from server_app.head_fit import plan
+from server_app.head_fit import fitting_features, plan
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224"
 
@@ -120,7 +120,12 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
         )
         if cfg["heads"] != "trained":
             k, width = plan(get_state(model), cfg)
-            for label, dim, dtype in (("", k, np.float32), (", before (float64, every feature)", width, np.float64)):
+            fit = fitting_features(get_state(model), cfg)
+            for label, dim, dtype in (
+                ("", k, np.float32),
+                (f", head-features={fit} (fits one dense update)", fit, np.float32),
+                (", before (float64, every feature)", width, np.float64),
+            ):
                 stats = statistics_shapes(depth, dim, num_classes, dtype)
                 rows.append(
                     {

@@ -56,16 +56,19 @@ def due(cfg: dict, server_round: int) -> bool:
 
 def plan(arrays: dict[str, np.ndarray], cfg: dict) -> tuple[int, int]:
     """(k, width): the nodes send the statistics of k of the `width` features of each exit's fc
-    input (k = width: no projection). `head-features` 0 takes the widest k whose statistics
-    per exit fit in what a node sends per block in one dense adapter update, in float32."""
-    weight = arrays["heads.0.fc.weight"]
-    classes, width = weight.shape
-    if cfg["head-features"] > 0:
-        return min(cfg["head-features"], width), width
+    input (k = width, `head-features` 0: no projection)."""
+    width = arrays["heads.0.fc.weight"].shape[1]
+    return (min(cfg["head-features"], width) if cfg["head-features"] > 0 else width), width
+
+
+def fitting_features(arrays: dict[str, np.ndarray], cfg: dict) -> int:
+    """The widest k whose statistics per exit fit in what a node sends per block in one dense
+    adapter update, in float32: the `head-features` that makes a head fit cost no more."""
+    classes, width = arrays["heads.0.fc.weight"].shape
     exits = _num_exits(arrays)
     sent = sent_up_to(arrays, exits, not clients_train_heads(cfg))
     per_block = sum(arrays[k].size for k in sent) // exits
-    return stat_dim(per_block, classes, width), width
+    return stat_dim(per_block, classes, width)
 
 
 def fit_heads(
