@@ -25,6 +25,8 @@ from adapters.head_fit import CROSS, GRAM, exit_label_counts, federation_exit, s
 from core.naming import up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
 
+from .nothing_accepted import nothing_accepted
+
 FILE = "head_fit.json"
 
 
@@ -46,7 +48,8 @@ def fit_heads(
     node_depth: dict[int, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict | None]:
     """`arrays` with the heads of every exit some node runs replaced by the ridge fit on
-    the features of the adapters in `arrays`; and a summary of the exchange (None if no node answered).
+    the features of the adapters in `arrays`; and a summary of the exchange. NothingAccepted
+    when no node's statistics could be used.
 
     A node whose depth the rounds taught (`node_depth`) receives the arrays of its blocks only.
     """
@@ -65,12 +68,13 @@ def fit_heads(
     replies = send(messages, label)
     sums: dict[str, np.ndarray] = {}
     counts: dict[int, int] = {}
-    clients, failed, up, down = 0, 0, 0, 0
+    clients, up, down = 0, 0, 0
+    reasons: list[str] = []
     for reply in replies:
         try:
             stats, depth, n, metrics = _check(reply, sums)
         except ValueError as err:
-            failed += 1
+            reasons.append(str(err))
             log(WARNING, "%s: reply of node %s left out: %s", label, reply.metadata.src_node_id, err)
             continue
         for k, v in stats.items():
@@ -81,15 +85,14 @@ def fit_heads(
         up += int(metrics.get("bytes-up", 0))
         down += int(metrics.get("bytes-down", 0))
     if not clients:
-        log(WARNING, "%s: no node sent statistics; the exit heads stay as they are", label)
-        return arrays, None
+        raise nothing_accepted(label, len(replies), reasons, cfg["round-timeout"])
     fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"])}
     summary = {
         "after-round": server_round,
         # the federation's training labels per class: personalisation moves heads from this prior to a node's
         "label-counts": [int(round(c)) for c in exit_label_counts(sums, federation_exit(counts))],
         "clients": clients,
-        "failed": failed,
+        "failed": len(reasons),
         "examples-per-exit": [counts[i] for i in sorted(counts)],
         "bytes-up": up,
         "bytes-down": down,

@@ -5,6 +5,7 @@ code, and Ctrl-C stopping the run on the SuperLink. tests/test_simulate_fault.py
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -132,3 +133,7 @@ def test_ctrl_c_stops_the_run_on_the_superlink(fake_flwr):
     assert proc.returncode == 130, err
     assert "stop 42" in calls(fake)
     assert "run 42 stopped" in err
+    # the hint names the run's folder, which the script chose and passed on
+    name = parse_config_args([str(fake / "merged.toml")])["run-name"]
+    assert re.fullmatch(r"\d{8}-\d{6}", name), name
+    assert f"bash scripts/simulate.sh --run-config \"resume=true run-name='{name}'\"" in err, err
