@@ -79,13 +79,11 @@ def load_backbone(
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
         model = timm.create_model(name, pretrained=bool(weights) or pretrained, **kwargs)
-    except (RuntimeError, OSError, SafetensorError, UnpicklingError, EOFError) as err:
-        # A damaged weights file: one line naming it, not the loader's traceback.
-        key = "backbone-weights" if weights else "pretrained" if pretrained else "backbone"
-        what = f"{weights}: not a readable weights file" if weights else f"could not build {name!r}"
-        raise BackboneError(
-            key, f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
+    except Exception as err:  # noqa: BLE001 - the file reader, torch and the hub client raise many kinds
+        # One line naming the key and what to do, not the loader's traceback.
+        raise _load_error(err, name, weights, pretrained) from None
+    if weights or pretrained:
+        _check_finite(model, "backbone-weights" if weights else "pretrained", weights or f"{name!r} hub weights")
     if not isinstance(model, VisionTransformer):
         raise BackboneError("backbone", f"{name!r} is not a plain ViT/DeiT (got {type(model).__name__})")
     if getattr(model, "cls_token", None) is None:
@@ -93,6 +91,42 @@ def load_backbone(
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+# Words of torch's and timm's complaints about a readable file made for another model.
+_MISMATCH = ("size mismatch", "missing key", "unexpected key", "inconsistent with", "shape")
+
+
+def _load_error(err: Exception, name: str, weights: str, pretrained: bool) -> BackboneError:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # torch's "Error(s) in loading state_dict for X:" says what on its next line
+    gist = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
+    detail = f"{type(err).__name__}: {gist[:300]}"
+    if weights:
+        readable = not isinstance(err, (SafetensorError, UnpicklingError, EOFError, OSError))
+        if readable and any(word in str(err).lower() for word in _MISMATCH):
+            return BackboneError(
+                "backbone-weights",
+                f"{weights}: does not match backbone {name!r} ({detail}); set backbone to the model the file was "
+                f"saved from, or backbone-weights to a file for {name!r}",
+            )
+        return BackboneError("backbone-weights", f"{weights}: not a readable weights file ({detail})")
+    if pretrained:
+        return BackboneError(
+            "pretrained",
+            f"could not fetch timm's pretrained weights of {name!r} ({detail}); without a network set "
+            "backbone-weights to a local weights file (e.g. backbone-weights='/path/model.safetensors')",
+        )
+    return BackboneError("backbone", f"could not build {name!r} ({detail})")
+
+
+@torch.no_grad()
+def _check_finite(model: nn.Module, key: str, source: str) -> None:
+    """A NaN or infinite weight would make every client's update non-finite, each dropped in turn:
+    refuse it here, before round 1."""
+    for tensor_name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BackboneError(key, f"{source}: tensor {tensor_name!r} holds NaN or infinite values (a damaged file)")
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, check_heads_privacy, validate
+from core.config import ConfigError, check_attackers, check_heads_privacy, validate
+from strategies.registry import build_strategy
 
 
 def toml_value(value) -> str:
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         user = parse_run_config(args.run_config)
         cfg = validate(user)
+        # Built as the ServerApp builds it: a bad class or argument is named here, before Flower starts.
+        build_strategy(cfg["strategy"], cfg)
         check_heads_privacy(cfg)
         if args.num_nodes is not None and cfg["min-nodes"] > args.num_nodes:
             raise ConfigError(
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"is {cfg['min-nodes']} but the federation has {args.num_nodes} nodes "
                 "(NUM_SUPERNODES / num-supernodes); the run would wait for nodes that never come",
             )
+        if args.num_nodes is not None:
+            check_attackers(cfg, args.num_nodes)
         text = to_toml(user)
         if args.write:
             try:

@@ -71,6 +71,9 @@ def load_run(path: str, backbone_weights: str | None = None):
         cfg = validate(cfg)
     except ConfigError as err:
         raise PredictError(f"{file}: {err}") from err
+    damaged = next((k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()), None)
+    if damaged is not None:
+        raise PredictError(f"{file}: array {damaged!r} holds NaN or infinite values; the run that wrote it diverged")
     if "heads.0.fc.weight" not in arrays:
         raise PredictError(f"{file}: holds no exit heads (heads.0.fc.weight missing)")
     num_classes = int(arrays["heads.0.fc.weight"].shape[0])
@@ -156,6 +159,10 @@ def predict(
     if not 1 <= depth <= model.num_blocks:
         raise PredictError(f"--max-depth must be in 1..{model.num_blocks}, got {depth}")
     out = early_exit(model, x, threshold, depth)
+    if not torch.isfinite(out.logits).all():
+        raise PredictError(
+            "the model's outputs are not finite (NaN or infinite); check the backbone and adapter weights"
+        )
     flops = flops_per_exit(model)
     return [
         {
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in zip(args.files, rows):
         row = {"file": name, **row, "label": names[row["class"]] if names and row["class"] < len(names) else None}
         if args.json:
-            print(json.dumps(row))
+            print(json.dumps(row, allow_nan=False))  # NaN is not JSON; predict() refused it above
         else:
             label = f" ({row['label']})" if row["label"] else ""
             print(

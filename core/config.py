@@ -115,6 +115,22 @@ def parse_attackers(cfg: dict[str, Any]) -> set[int]:
     return {int(s) for s in str(cfg["attack-partitions"]).split(",") if s.strip()}
 
 
+def check_attackers(cfg: dict[str, Any], num_partitions: int) -> None:
+    """Attacking partition ids the federation does not have would attack nothing, silently."""
+    beyond = sorted(p for p in parse_attackers(cfg) if p >= num_partitions)
+    if beyond:
+        raise ConfigError(
+            "attack-partitions",
+            f"partition id {beyond[0]} is beyond the federation's {num_partitions} partitions "
+            f"(ids 0..{num_partitions - 1})",
+        )
+
+
+def _seed(v):
+    # numpy's seeds are 32-bit unsigned integers
+    return None if 0 <= v < 2**32 else "must be in 0..4294967295"
+
+
 def _device(v):
     if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
         return None
@@ -477,7 +493,7 @@ KEYS: tuple[Key, ...] = (
             " training example).",
             _val_fraction,
         ),
-        Key("seed", 42, "Seed of partitioning, splits and initialisation.", shapes=("model",)),
+        Key("seed", 42, "Seed of partitioning, splits and initialisation.", _seed, shapes=("model",)),
     ),
     # outputs
     *_section(
@@ -564,14 +580,31 @@ def validate(user: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# How Flower's parse_config_args finds the pairs of a "key=value ..." string.
+_FLOWER_PAIR = r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)"
+
+
 def parse_run_config(items: list[str]) -> dict:
     """TOML files and key=value strings, later ones winning, as `flwr run` reads them."""
+    import re
+
     from flwr.common.config import parse_config_args
 
     user: dict = {}
     for item in items:
         if item.endswith(".toml") and not Path(item).expanduser().is_file():
             raise ConfigError("--run-config", f"no such TOML file {item}")
+        # Flower keeps the key=value pairs of a string and drops anything else without a word
+        # (a preset path among overrides, a stray word): refuse it instead.
+        stray = re.sub(_FLOWER_PAIR, " ", item).split() if not item.endswith(".toml") else []
+        if stray:
+            preset = next((w for w in stray if w.endswith(".toml")), None)
+            hint = (
+                f'; give a preset as its own --run-config: --run-config {preset} --run-config "key=value ..."'
+                if preset
+                else "; every word must be key=value"
+            )
+            raise ConfigError("--run-config", f"{stray[0]!r} in {item!r} is not key=value and would be ignored{hint}")
         try:
             user.update(parse_config_args([item]))
         except Exception as err:  # noqa: BLE001 - flwr raises click/toml errors

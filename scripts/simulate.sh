@@ -16,6 +16,8 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME=${FLWR_HOME:-$HOME/.flwr}
 PYTHON=${PYTHON:-python3}
 
+again=""  # this command's arguments, for the resume hint
+[ $# -gt 0 ] && again=$(printf ' %q' "$@")
 config=()  # --run-config values, in order: later ones win
 rest=()    # anything else goes to `flwr run`
 while [ $# -gt 0 ]; do
@@ -37,6 +39,22 @@ merged=$(mktemp --suffix=.toml)
 trap 'rm -f "$merged"' EXIT
 "$PYTHON" -m anytime_fl.cli check-config --quiet --num-nodes "${NUM_SUPERNODES:-20}" --run-config "output-dir='$PWD/outputs'" \
     "${config[@]+"${config[@]}"}" --write "$merged" || exit 2
+
+# The run folder's name, so that Ctrl-C can say how to resume it: left unset, the
+# ServerApp would pick a timestamp that this script never learns. The same format.
+run_name=$("$PYTHON" - "$merged" <<'PY'
+import sys, time, tomllib
+path = sys.argv[1]
+with open(path, "rb") as fh:
+    cfg = tomllib.load(fh)
+name = cfg.get("run-name", "")
+if not name and not cfg.get("resume", False):
+    name = time.strftime("%Y%m%d-%H%M%S")
+    with open(path, "a") as fh:
+        fh.write(f'run-name = "{name}"\n')
+print(name)
+PY
+) || exit 1
 
 # The local SuperLink outlives a run and keeps the federation size it was
 # given first, so the size is passed on every run.
@@ -66,7 +84,8 @@ stop_run() {
     echo "simulate.sh: stopping run $run_id on the SuperLink ..." >&2
     flwr stop "$run_id" >/dev/null 2>&1
     wait_finished 120 || echo "simulate.sh: run $run_id has not stopped yet; check \`flwr ls\`" >&2
-    echo "simulate.sh: run $run_id stopped; resume it with --run-config \"resume=true run-name='NAME'\"" >&2
+    local resume="resume=true${run_name:+ run-name='$run_name'}"
+    echo "simulate.sh: run $run_id stopped; resume it with: bash scripts/simulate.sh$again --run-config \"$resume\"" >&2
     exit 130
 }
 trap stop_run INT TERM

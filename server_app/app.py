@@ -27,6 +27,7 @@ from . import checkpoint, head_fit, lock, preflight, results
 from .evaluation import ServerEvaluator
 from .exchange import Exchange, SuperLinkUnavailable, duplicate_partitions, warn_duplicates
 from .finish import finish_run
+from .nothing_accepted import NothingAccepted, nothing_accepted
 from .rundir import open_run_dir
 
 app = ServerApp()
@@ -44,9 +45,10 @@ _FLOWER_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 def main(grid: Grid, context: Context) -> None:
     try:
         run(grid, dict(context.run_config))
-    except (ConfigError, BackboneError, DataError, FileNotFoundError, SuperLinkUnavailable) as err:
-        # A configuration or data problem, or a SuperLink that stayed away (the
-        # last finished round is checkpointed): one clear line, not a traceback.
+    except (ConfigError, BackboneError, DataError, FileNotFoundError, SuperLinkUnavailable, NothingAccepted) as err:
+        # A configuration or data problem, a SuperLink that stayed away, or a round
+        # that accepted no reply (the last finished round is checkpointed): one clear
+        # line, not a traceback.
         log(ERROR, "anytime-fl stopped: %s", err)
         # Flower marks a run failed (and its process exits non-zero) only when
         # the ServerApp raises an Exception; a SystemExit counts as success.
@@ -77,7 +79,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         strategy.load_state_dict(resumed["strategy"])
         checkpoint.restore_rng(resumed["rng"])
         start = resumed["round"] + 1
-        results.truncate_after(run_dir, resumed["round"])
+        results.truncate_after(run_dir, resumed["round"], resumed["meta"].get("row"))
         log(INFO, "Resuming %s after round %d", run_dir, resumed["round"])
     else:
         random.seed(cfg["seed"])
@@ -100,14 +102,13 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     send = Exchange(grid, cfg, run_dir)
     if resumed is None and head_fit.due(cfg, 0):
         arrays, fit = head_fit.fit_heads(grid, send, arrays, cfg, 0)
-        if fit is not None:
-            fit["server"] = evaluator(arrays)
-            head_fit.record(run_dir, fit, cfg)
-            log(
-                INFO,
-                "after the head fit | test acc per exit: %s",
-                " ".join(f"{a:.2f}" for a in fit["server"]["accuracy"]),
-            )
+        fit["server"] = evaluator(arrays)
+        head_fit.record(run_dir, fit, cfg)
+        log(
+            INFO,
+            "after the head fit | test acc per exit: %s",
+            " ".join(f"{a:.2f}" for a in fit["server"]["accuracy"]),
+        )
     for server_round in range(start, num_rounds + 1):
         t0 = time.time()
         record = to_record(arrays)
@@ -117,14 +118,16 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         )
         replies = in_partition_order(replies)
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
+        stats = dict(strategy.last_round)
+        if not stats.get("clients"):
+            label = f"round {server_round} train"
+            raise nothing_accepted(label, len(replies), stats.get("dropped-reasons", []), cfg["round-timeout"])
         if new_record is not None:
             arrays = to_numpy(new_record)
-        stats = dict(strategy.last_round)
         refit = None
         if head_fit.due(cfg, server_round):
             arrays, refit = head_fit.fit_heads(grid, send, arrays, cfg, server_round, strategy.node_depth)
-            if refit is not None:
-                head_fit.record(run_dir, refit, cfg)
+            head_fit.record(run_dir, refit, cfg)
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
             preflight.await_round_nodes(grid, cfg["min-nodes"], f"round {server_round} evaluate")
@@ -141,9 +144,9 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         results.append_row(run_dir, row)
         log(INFO, format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
-            checkpoint.save(
-                run_dir, server_round, arrays, strategy.state_dict(), {"run-dir": str(run_dir), "config": cfg}
-            )
+            # The round's row goes in too: a crash that cuts its line in results.jsonl loses nothing.
+            extra = {"run-dir": str(run_dir), "config": cfg, "row": row}
+            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), extra)
 
     path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
     log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)

@@ -86,6 +86,12 @@ def load(run_dir: Path) -> dict | None:
     path = Path(run_dir) / NAME
     if not path.is_file():
         return None
+    if not zipfile.is_zipfile(path):
+        # np.load would take it for a pickle and say so ("This file contains pickled data"): it is not one of ours.
+        raise CheckpointError(
+            f"{path}: not a readable .npz archive (truncated, or not an anytime-fl checkpoint); "
+            "restore it or start a new run"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:

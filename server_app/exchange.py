@@ -6,7 +6,9 @@ the SuperLink (a 500 while its database is locked, a restart) ends the
 ServerApp. Here:
 
 - each reply is logged as it arrives (`round 2 train: 2/3 replies, waiting
-  for node 81… (partition 2)`), and every 30 s while some are missing;
+  for node 81… (partition 2)`), and every 30 s while some are missing; in
+  simulation only the 30 s lines (and the warnings) are, so a round stays a
+  line or two;
 - replies are pulled one message id at a time, so an error while pulling
   one never drops the others that came back in the same request;
 - a failing push or pull is retried with growing waits (1 s, 2 s, 4 s … up
@@ -111,13 +113,30 @@ class _Retry:
             return out
 
 
+def in_simulation(grid) -> bool:
+    """Flower's simulation engine hands the ServerApp an InMemoryGrid; a deployment a SuperLink's grid."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # a Flower without it: treat as a deployment, which logs more
+        return False
+    return isinstance(grid, InMemoryGrid)
+
+
 def exchange(
-    grid, messages: Iterable[Message], *, timeout: float, label: str, patience: float, stall: float = 30.0
+    grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float,
+    label: str,
+    patience: float,
+    stall: float = 30.0,
+    per_reply: bool = True,
 ) -> list[Message]:
     """Send `messages`, return the replies that came back within `timeout` seconds.
 
     `label` names the round in the log (e.g. "round 2 train"); `stall` bounds
-    the wait for a reply whose upload has stopped.
+    the wait for a reply whose upload has stopped. `per_reply=False` (simulation,
+    where replies come within seconds) keeps only the 30 s progress lines and the warnings.
     """
     messages = list(messages)
     if not messages:
@@ -138,7 +157,8 @@ def exchange(
     if len(pending) < len(messages):
         log(WARNING, "%s: the SuperLink took %d of %d messages", label, len(pending), len(messages))
     total = len(pending)
-    log(INFO, "%s: sent to %d nodes, waiting for their replies", label, total)
+    if per_reply:
+        log(INFO, "%s: sent to %d nodes, waiting for their replies", label, total)
     pull = _Retry(patience, f"{label}: pulling replies from the SuperLink")
     replies: list[Message] = []
     start = _clock()
@@ -166,7 +186,7 @@ def exchange(
             if got:
                 node = pending.pop(mid)
                 replies.extend(got)
-                _note_reply(label, got[0], node, len(replies), total, pending)
+                _note_reply(label, got[0], node, len(replies), total, pending, per_reply)
         if not pending:
             break
         now = _clock()
@@ -192,6 +212,8 @@ class Exchange:
 
     def __init__(self, grid, cfg: dict, run_dir: Path):
         self.grid, self.cfg, self.run_dir = grid, cfg, Path(run_dir)
+        # A line per reply helps an operator waiting on real nodes; a simulation's round line says it all.
+        self.per_reply = not in_simulation(grid)
 
     def __call__(self, messages: Iterable[Message], label: str) -> list[Message]:
         try:
@@ -202,6 +224,7 @@ class Exchange:
                 label=label,
                 patience=self.cfg["superlink-patience"],
                 stall=self.cfg["upload-stall-timeout"],
+                per_reply=self.per_reply,
             )
         except SuperLinkUnavailable as err:
             raise SuperLinkUnavailable(f"{err}. {resume_hint(self.run_dir)}") from err
@@ -224,7 +247,7 @@ def resume_hint(run_dir: Path) -> str:
     )
 
 
-def _note_reply(label: str, reply: Message, node: int, got: int, total: int, pending: dict) -> None:
+def _note_reply(label: str, reply: Message, node: int, got: int, total: int, pending: dict, show: bool) -> None:
     if reply.has_error():
         what = f"{_who(node)} failed ({reply.error.reason[:160]})"
     else:
@@ -232,6 +255,8 @@ def _note_reply(label: str, reply: Message, node: int, got: int, total: int, pen
         if "partition-id" in metrics:
             _partitions[node] = int(metrics["partition-id"])
         what = f"{_who(node)} replied"
+    if not show:
+        return
     waiting = ", waiting for " + _whom(pending.values()) if pending else ""
     log(INFO, "%s: %d/%d replies (%s)%s", label, got, total, what, waiting)
 

@@ -41,6 +41,7 @@ from core.naming import sent_up_to, up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
 
 from . import head_guard
+from .nothing_accepted import nothing_accepted
 
 FILE = "head_fit.json"
 
@@ -80,7 +81,8 @@ def fit_heads(
     node_depth: dict[int, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict | None]:
     """`arrays` with the heads of every exit some node runs replaced by the ridge fit on
-    the features of the adapters in `arrays`; and a summary of the exchange (None if no node answered).
+    the features of the adapters in `arrays`; and a summary of the exchange. NothingAccepted
+    when no node's statistics could be used.
 
     A node whose depth the rounds taught (`node_depth`) receives the arrays of its blocks only.
     """
@@ -104,12 +106,14 @@ def fit_heads(
     left_out: list[dict] = []
     shapes: dict[str, tuple] = {}
     up, down = 0, 0
+    reasons: list[str] = []
     for reply in replies:
         node = reply.metadata.src_node_id
         try:
             stats, depth, n, metrics = _check(reply, shapes, k + 1, bounds)
         except ValueError as err:
             pid = metrics_or_empty(reply.content).get("partition-id") if not reply.has_error() else None
+            reasons.append(str(err))
             left_out.append({"node": int(node), "partition-id": pid, "reason": str(err)[:300]})
             log(WARNING, "%s: reply of node %s left out: %s", label, node, err)
             continue
@@ -119,8 +123,7 @@ def fit_heads(
         up += int(metrics.get("bytes-up", 0))
         down += int(metrics.get("bytes-down", 0))
     if not accepted:
-        log(WARNING, "%s: no node sent statistics; the exit heads stay as they are", label)
-        return arrays, None
+        raise nothing_accepted(label, len(replies), reasons, cfg["round-timeout"])
     sums, counts, capped, screened = _combine(accepted, cfg)
     for c in capped:
         log(

@@ -10,7 +10,7 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from core.config import ConfigError
+from core.config import ConfigError, check_attackers
 from fedtasks.base import DataError
 from fedtasks.stats import document
 
@@ -57,7 +57,9 @@ def await_round_nodes(grid: Grid, want: int, label: str, clock=time.monotonic, s
 
 
 def partition_document(cfg: dict[str, Any], num_nodes: int) -> dict:
-    """partition-stats of the federation, refusing one where a client would get no training example."""
+    """partition-stats of the federation, refusing one where a client would get no training example
+    (or an attacking partition id it does not have)."""
+    check_attackers(cfg, num_nodes)
     try:
         doc = document(cfg, num_nodes)
     except ValueError as err:  # the partitioner's own complaint, e.g. more partitions than it can fill

@@ -67,9 +67,35 @@ def append_row(run_dir: Path, row: dict) -> None:
     write_csv(run_dir)
 
 
-def truncate_after(run_dir: Path, server_round: int) -> None:
-    """Drop rows past a checkpoint's round (they are re-run on resume)."""
+class RowsLost(ValueError):
+    """Rows of results.jsonl that a resume cannot rebuild; the message names the file and rounds."""
+
+
+def rows_to_resume(run_dir: Path, server_round: int, last_row: dict | None) -> list[dict]:
+    """The rows a run resumed after `server_round` keeps: rounds 1..server_round, the last one
+    taken from the checkpoint (`last_row`) when results.jsonl lost it (a line cut by a crash).
+    RowsLost when an earlier round's row is gone: nothing holds it any more."""
     rows = [r for r in read_rows(run_dir) if r["round"] <= server_round]
+    if (
+        server_round not in {r["round"] for r in rows}
+        and isinstance(last_row, dict)
+        and last_row.get("round") == server_round
+    ):
+        log(WARNING, "%s: the row of round %d is rebuilt from the checkpoint", Path(run_dir) / RESULTS, server_round)
+        rows.append(last_row)
+    missing = sorted(set(range(1, server_round + 1)) - {r["round"] for r in rows})
+    if missing:
+        raise RowsLost(
+            f"{Path(run_dir) / RESULTS} lacks the rows of rounds {', '.join(map(str, missing))} (damaged or removed "
+            f"lines), which the checkpoint after round {server_round} cannot rebuild: restore the file, "
+            "or start a new run-name"
+        )
+    return sorted(rows, key=lambda r: r["round"])
+
+
+def truncate_after(run_dir: Path, server_round: int, last_row: dict | None = None) -> None:
+    """Keep the rows up to a checkpoint's round (see rows_to_resume); later ones are re-run on resume."""
+    rows = rows_to_resume(run_dir, server_round, last_row)
     path = Path(run_dir) / RESULTS
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

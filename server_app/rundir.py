@@ -8,7 +8,7 @@ from pathlib import Path
 
 from core.config import ConfigError
 
-from . import checkpoint, drift, lock
+from . import checkpoint, drift, lock, results
 
 CONFIG = "config.json"
 
@@ -32,6 +32,10 @@ def open_run_dir(cfg: dict) -> tuple[Path, dict | None]:
             raise ConfigError("resume", str(err)) from None
         if state is None:
             raise ConfigError("resume", f"no checkpoint to resume from under {run_dir}")
+        try:
+            results.rows_to_resume(run_dir, state["round"], state["meta"].get("row"))
+        except results.RowsLost as err:
+            raise ConfigError("resume", str(err)) from None
         old = state["meta"].get("config") or _read_config(run_dir)
         changes = drift.compare(old, cfg, state["round"] + 1) if old else []
         history = _read_config(run_dir).get("changes", [])

@@ -4,7 +4,8 @@
 `"package.module:Class"` (a user's Strategy subclass);
 `strategy-args = "num_malicious_nodes=1 num_nodes_to_select=3"`: keyword
 arguments, whitespace-separated `name=value`, each value a Python literal
-(a bare word is taken as a string). A wrapper (a class taking `strategy`,
+(a string quoted: `weighted_by_key='num-examples'`); a value that is not one
+is refused, and so is one whose type the class's signature rules out. A wrapper (a class taking `strategy`,
 such as the DP wrappers) wraps `strategy-inner` built with
 `strategy-inner-args`. Everything is checked by building the strategy once,
 so a bad name or argument stops the run before round 1.
@@ -15,13 +16,12 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-import shlex
 from collections.abc import Callable
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from core.config import ConfigError
+from core.config import ConfigError, defaults
 
 # Aggregate XGBoost trees (bytes), not arrays of weights.
 NOT_ARRAYS = {"FedXgbBagging", "FedXgbCyclic"}
@@ -60,21 +60,41 @@ def resolve(spec: str, key: str) -> type:
     return cls
 
 
+OPENERS = ("'", '"', "[", "(", "{")
+
+
 def parse_args(text: str, key: str) -> dict[str, Any]:
-    try:
-        tokens = shlex.split(text)
-    except ValueError as err:
-        raise ConfigError(key, f"cannot split {text!r}: {err}") from None
+    """`name=value ...` as keyword arguments, each value a Python literal; a value that is not
+    one (e.g. `num_malicious_nodes=one`) is refused, not passed on as text."""
+    tokens = text.split()
     out: dict[str, Any] = {}
-    for token in tokens:
-        name, eq, raw = token.partition("=")
+    i = 0
+    while i < len(tokens):
+        name, eq, raw = tokens[i].partition("=")
+        i += 1
         if not eq or not name.isidentifier():
-            raise ConfigError(key, f"expected name=value pairs separated by spaces, got {token!r}")
-        try:
-            out[name] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[name] = raw
+            raise ConfigError(key, f"expected name=value pairs separated by spaces, got {tokens[i - 1]!r}")
+        # A quoted string or a list may hold spaces: it goes on until it closes.
+        while raw.startswith(OPENERS) and not _literal(raw)[0] and i < len(tokens):
+            raw += " " + tokens[i]
+            i += 1
+        ok, value = _literal(raw)
+        if not ok:
+            quote = "" if raw.startswith(OPENERS) else f" such as {name}={raw!r}"
+            raise ConfigError(
+                key,
+                f"{name}={raw} is not a Python literal: give a number, True/False, None, a list "
+                f"or a quoted string{quote}",
+            )
+        out[name] = value
     return out
+
+
+def _literal(raw: str) -> tuple[bool, Any]:
+    try:
+        return True, ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False, None
 
 
 def _defaults(cls: type, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -88,16 +108,30 @@ def _defaults(cls: type, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Signature annotations whose type a literal can be checked against.
+SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 def _checked(cls: type, kwargs: dict[str, Any], key: str) -> None:
+    params = inspect.signature(cls).parameters
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
         required = [
             n
-            for n, p in inspect.signature(cls).parameters.items()
+            for n, p in params.items()
             if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
         raise ConfigError(key, f"{cls.__name__}: {err} (it requires: {', '.join(required) or 'nothing'})") from None
+    for name, value in kwargs.items():
+        if name not in params or value is None:
+            continue
+        ann = params[name].annotation
+        want = ann if isinstance(ann, str) else getattr(ann, "__name__", "")
+        if want in SIMPLE_TYPES and (
+            not isinstance(value, SIMPLE_TYPES[want]) or (isinstance(value, bool) and want != "bool")
+        ):
+            raise ConfigError(key, f"{cls.__name__}: {name} must be {want}, got {value!r}")
 
 
 def strategy_factory(cfg: dict[str, Any]) -> Callable[[], Strategy]:
@@ -115,6 +149,7 @@ def strategy_factory(cfg: dict[str, Any]) -> Callable[[], Strategy]:
         kwargs.pop("strategy", None)
         _checked(cls, {**kwargs, "strategy": None}, "strategy-args")
     else:
+        refuse_unused_inner(cfg, cls.__name__)
         _checked(cls, kwargs, "strategy-args")
 
     def factory() -> Strategy:
@@ -124,6 +159,18 @@ def strategy_factory(cfg: dict[str, Any]) -> Callable[[], Strategy]:
 
     _build(factory, {}, "strategy-args", cls.__name__)()  # a bad value fails here, before round 1
     return factory
+
+
+def refuse_unused_inner(cfg: dict[str, Any], strategy: str) -> None:
+    """strategy-inner(-args) set for a strategy that wraps nothing would be ignored without a word."""
+    for key in ("strategy-inner", "strategy-inner-args"):
+        if cfg[key] != defaults()[key]:
+            raise ConfigError(
+                key,
+                f"is {cfg[key]!r}, but strategy {strategy!r} wraps no other strategy, so it would be ignored: "
+                f"leave {key} unset, or set strategy to a wrapper that wraps it "
+                "(e.g. flwr:DifferentialPrivacyServerSideFixedClipping)",
+            )
 
 
 def _build(fn: Callable, kwargs: dict[str, Any], key: str, label: str) -> Callable[[], Strategy]:

@@ -23,7 +23,7 @@ from .fedavgm import DepthAwareFedAvgM
 from .fedprox import DepthAwareFedProx
 from .fedyogi import DepthAwareFedYogi
 from .flower import FlowerGroups
-from .flower_spec import strategy_factory
+from .flower_spec import refuse_unused_inner, strategy_factory
 from .median import DepthAwareMedian
 from .trimmed_mean import DepthAwareTrimmedMean
 
@@ -44,6 +44,7 @@ def build_strategy(name: str, cfg: dict[str, Any]) -> DepthAwareFedAvg:
     Raises ConfigError naming the key at fault, before any round runs.
     """
     if name in STRATEGIES:
+        refuse_unused_inner(cfg, name)
         return STRATEGIES[name].from_config(cfg)
     if ":" not in name:
         raise ConfigError(

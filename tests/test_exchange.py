@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from flwr.app import Error, Message
+from flwr.app import Error, Message, RecordDict
 
 from server_app import checkpoint, exchange, results
 from server_app.app import run
@@ -205,3 +205,21 @@ def test_a_round_waiting_for_nodes_logs_when_the_count_changes_or_every_30_s(flw
     # 65 s of waiting: the 1, the change to 2 (at 5 s), 2 again at 35 s (Flower: 65 lines)
     assert len(lines) == 3, lines
     assert "1 connected (min-nodes 3)" in lines[0] and "2 connected" in lines[1]
+
+
+def test_a_simulation_logs_no_line_per_reply_but_still_one_while_a_round_waits(clock, flwr_log, monkeypatch):
+    from flwr.superlink.grid import InMemoryGrid
+
+    from tests.flowerkit import train_message
+
+    assert exchange.in_simulation(object.__new__(InMemoryGrid))  # what Flower's simulation engine hands the app
+    assert not exchange.in_simulation(PushPullGrid(2, dict(TINY)))
+    grid = PushPullGrid(20, dict(TINY))
+    slow = grid.pull_messages
+    grid.pull_messages = lambda ids: [] if clock.now < 40 else slow(ids)  # every reply waits 40 s
+    grid.handlers = {k: (lambda msg, ctx: Message(RecordDict(), reply_to=msg)) for k in grid.handlers}
+    msgs = [train_message({}, node_id=n) for n in grid.get_node_ids()]
+    replies = exchange.exchange(grid, msgs, timeout=600, label="round 1 train", patience=60, per_reply=False)
+    assert len(replies) == 20
+    lines = [line for line in flwr_log if line.startswith("round 1 train")]
+    assert len(lines) == 1 and "0/20 replies after 30 s" in lines[0], lines

@@ -2,14 +2,14 @@
 round 2 stops the run; resuming it gives rows 1..N exactly once and the final weights of an
 uninterrupted run.
 
-It uses its own FLWR_HOME, and stops the SuperLink it started. The local SuperLink listens on
-fixed ports, so the test first waits for them to be free (another run's SuperLink)."""
+It uses a local SuperLink of its own (private FLWR_HOME and free ports, tests/private_flower.py),
+which it stops after: a SuperLink the user left running on Flower's default ports is neither
+waited for nor touched."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,9 +20,10 @@ from safetensors.numpy import load_file
 
 from server_app import checkpoint, results
 from server_app.app import run
+from tests.ctrl_c import default_sigint
+from tests.private_flower import private_flower
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL_SUPERLINK_PORTS = (39091, 39092, 39093)
 NODES = 2
 # The shipped backbone: a random one (backbone-weights="") would differ between processes.
 CFG = {
@@ -34,11 +35,6 @@ CFG = {
     "personalize-epochs": 0,
     "run-name": "cut",
 }
-
-
-def _busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _overrides(cfg: dict) -> str:
@@ -60,6 +56,7 @@ class Simulation:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=default_sigint,  # Ctrl-C works even if this test run ignores SIGINT
         )
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -76,28 +73,10 @@ class Simulation:
         return rc
 
 
-def _stop_own_superlink(flwr_home: Path) -> None:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if b"flower-superlink" in cmd and f"FLWR_HOME={flwr_home}".encode() in env.split(b"\0"):
-            os.kill(int(pid), signal.SIGTERM)
-
-
 def test_ctrl_c_in_round_2_then_resume_gives_each_row_once_and_the_uninterrupted_weights(tmp_path, fake_grid):
-    deadline = time.time() + 600
-    while any(_busy(p) for p in LOCAL_SUPERLINK_PORTS):
-        assert time.time() < deadline, f"another local SuperLink holds ports {LOCAL_SUPERLINK_PORTS}"
-        time.sleep(5)
-    flwr_home = tmp_path / "flwr-home"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONPATH": str(ROOT), "NUM_SUPERNODES": str(NODES)}
     cfg = {**CFG, "output-dir": str(tmp_path / "outputs")}
-    try:
+    with private_flower(tmp_path / "flwr-home") as flower_env:
+        env = {**flower_env, "PYTHONPATH": str(ROOT), "NUM_SUPERNODES": str(NODES)}
         sim = Simulation(env, cfg)
         sim.wait_for("round 1/3", 400)
         os.killpg(sim.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground process group
@@ -111,8 +90,6 @@ def test_ctrl_c_in_round_2_then_resume_gives_each_row_once_and_the_uninterrupted
 
         again = Simulation(env, {**cfg, "resume": True})
         assert again.finish(500) == 0, "".join(again.lines[-30:])
-    finally:
-        _stop_own_superlink(flwr_home)
     assert [r["round"] for r in results.read_rows(run_dir)] == [1, 2, 3]
     assert (run_dir / results.RESULTS).read_text().splitlines()[:cut_at] == kept  # rows before the cut untouched
 

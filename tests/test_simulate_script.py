@@ -5,6 +5,7 @@ code, and Ctrl-C stopping the run on the SuperLink. tests/test_simulate_fault.py
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from tests.ctrl_c import default_sigint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_FLWR = r"""#!/usr/bin/env bash
@@ -20,7 +23,7 @@ echo "$*" >> "$FAKE/calls"
 case "$1" in
     run) while [ $# -gt 0 ]; do [ "$1" = "--run-config" ] && cp "$2" "$FAKE/merged.toml"; shift; done
          echo '{"success": true, "run-id": "42"}' ;;
-    log) echo "round 1/3 | test acc per exit: 0.2"; sleep "${FAKE_LOG_SECONDS:-0}" ;;
+    log) echo "round 1/3 | test acc per exit: 0.2"; exec sleep "${FAKE_LOG_SECONDS:-0}" ;;
     ls)  printf '{"success": true, "runs": [{"run-id": "42", "status": "%s", "status-details": "%s"}]}\n' \
              "$(cat "$FAKE/status")" "because" ;;
     stop) echo "finished:stopped" > "$FAKE/status" ;;
@@ -107,14 +110,20 @@ def test_a_failed_run_exits_non_zero_naming_it(fake_flwr):
 
 def test_ctrl_c_stops_the_run_on_the_superlink(fake_flwr):
     fake, env = fake_flwr
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "scripts" / "simulate.sh")],
-        env={**env, "FAKE_LOG_SECONDS": "60"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    # As in a test run started as a background job of a non-interactive shell: SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "simulate.sh")],
+            env={**env, "FAKE_LOG_SECONDS": "60"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=default_sigint,  # Ctrl-C works even if this test run ignores SIGINT
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 60
     while not any(c.startswith("log 42") for c in calls(fake)) and time.time() < deadline:
         time.sleep(0.2)
@@ -124,3 +133,7 @@ def test_ctrl_c_stops_the_run_on_the_superlink(fake_flwr):
     assert proc.returncode == 130, err
     assert "stop 42" in calls(fake)
     assert "run 42 stopped" in err
+    # the hint names the run's folder, which the script chose and passed on
+    name = parse_config_args([str(fake / "merged.toml")])["run-name"]
+    assert re.fullmatch(r"\d{8}-\d{6}", name), name
+    assert f"bash scripts/simulate.sh --run-config \"resume=true run-name='{name}'\"" in err, err
