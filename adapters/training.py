@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from core.config import clients_train_heads, settings
+from core.config import clients_train_heads, round_lr, settings
 from core.naming import sent_up_to
 
 from .model import AnytimeViT
@@ -45,11 +44,12 @@ class TrainSettings:
         personalize: bool = False,
         prox_mu: float = 0.0,
         server_round: int = 0,
+        num_rounds: int = 0,
         class_counts: torch.Tensor | None = None,
     ) -> "TrainSettings":
-        """Settings of federated training in `server_round`, or of the
-        personalisation round; `prox_mu` comes from the strategy and
-        `class_counts` (the client's labels, for logit adjustment) from its data."""
+        """Settings of federated training in `server_round` (of `num_rounds`, 0 = the run's), or of
+        the personalisation round; `prox_mu` comes from the strategy and `class_counts` (the
+        client's labels, for logit adjustment) from its data."""
         values = settings(cfg)
         if personalize:
             # A personal model should learn its own label prior, with AdamW at
@@ -58,7 +58,7 @@ class TrainSettings:
                 epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw", logit_adjust=0.0
             )
             return cls(**values, train_heads=clients_train_heads(cfg))
-        values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
+        values["lr"] = round_lr(cfg, server_round, num_rounds)
         return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=clients_train_heads(cfg))
 
 
@@ -78,14 +78,6 @@ def logit_prior(counts: torch.Tensor, tau: float) -> torch.Tensor:
     prior of half an example, so its logit is pushed down, not to -inf."""
     p = counts.clamp_min(0.5)
     return tau * torch.log(p / p.sum())
-
-
-def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
-    """The learning rate of one round: constant, or cosine decay over the rounds (to 0.05 lr)."""
-    if schedule == "constant" or num_rounds <= 1 or server_round < 1:
-        return lr
-    t = min(server_round - 1, num_rounds - 1) / (num_rounds - 1)
-    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def exit_losses(

@@ -66,10 +66,18 @@ class FlowerGroups(DepthAwareFedAvg):
     """Runs one instance of a Flower strategy per group of blocks."""
 
     def __init__(
-        self, *, factory: Callable[[], Strategy], label: str, groups: str = "tier", tiers: Iterable[int] = (), **kwargs
+        self,
+        *,
+        factory: Callable[[], Strategy],
+        label: str,
+        groups: str = "tier",
+        tiers: Iterable[int] = (),
+        client_lr: Callable[[int], float] | None = None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.factory = factory
+        self.client_lr = client_lr  # the clients' learning rate in a round (core.config.round_lr)
         self.label = label
         self.group_mode = groups
         self.tiers = sorted(set(int(t) for t in tiers))
@@ -184,6 +192,9 @@ class FlowerGroups(DepthAwareFedAvg):
                 if hasattr(s, "num_sampled_clients"):
                     # DP noise is calibrated to the mean over this group's senders.
                     s.num_sampled_clients = len(senders)
+                if hasattr(s, "client_learning_rate") and self.client_lr is not None:
+                    # QFedAvg's Lipschitz estimate 1/lr follows the rate the clients trained with.
+                    s.client_learning_rate = self.client_lr(self._round)
             loss_key = next(
                 (s.train_loss_key for s in strategy_chain(inner) if hasattr(s, "train_loss_key")), "train_loss"
             )

@@ -1,7 +1,5 @@
 """Local training options: gradient stop at the frozen blocks, logit adjustment, optimiser and schedule."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from adapters.backbone import load_backbone
 from adapters.model import AnytimeViT
-from adapters.training import TrainSettings, exit_losses, label_counts, logit_prior, round_lr, train_local
+from adapters.training import TrainSettings, exit_losses, label_counts, logit_prior, train_local
 from core.config import ConfigError, validate
 
 
@@ -116,15 +114,6 @@ def test_logit_adjustment_unbiases_a_skewed_client(model):
         with torch.no_grad():
             share[tau] = (model(torch.randn(64, 1, 28, 28, generator=gen), depth=3)[-1].argmax(-1) == 0).float().mean()
     assert share[1.0] < share[0.0]
-
-
-def test_cosine_round_lr():
-    assert round_lr(0.1, "constant", 7, 10) == 0.1
-    lrs = [round_lr(0.1, "cosine", r, 10) for r in range(1, 11)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.005)
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert round_lr(0.1, "cosine", 5, 1) == 0.1  # one round: nothing to decay
-    assert math.isfinite(round_lr(0.1, "cosine", 12, 10))  # a personalisation round after the last
 
 
 def test_sgd_optimizer_trains(model):
