@@ -22,6 +22,7 @@ from core.config import (
     tier_fractions,
     validate,
 )
+from tests.checks import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +155,18 @@ def test_cosine_round_lr():
     from adapters.training import TrainSettings
 
     assert TrainSettings.from_config(cfg, server_round=10).lr == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize(
+    "user, key",
+    [
+        ({"tier-assignment": "0.5,0.5"}, "tier-assignment"),  # 2 fractions, 4 tiers
+        ({"val-fraction": 1.0}, "val-fraction"),
+        ({"num-server-round": 3}, "num-server-round"),
+    ],
+)
+def test_config_mistakes_name_the_key(user, key):
+    with pytest.raises(ConfigError) as err:
+        validate(user)
+    assert err.value.key == key
+    one_line(str(err.value), key)

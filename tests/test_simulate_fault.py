@@ -16,10 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from server_app import checkpoint, results
 from server_app.app import run
+
+pytestmark = pytest.mark.e2e  # scripts/simulate.sh and Flower's local SuperLink (minutes)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORTS = (39091, 39092, 39093)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+pytestmark = pytest.mark.e2e  # scripts/simulate.sh in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_FLWR = r"""#!/usr/bin/env bash

@@ -1,5 +1,6 @@
 """Local training options: gradient stop at the frozen blocks, logit adjustment, optimiser and schedule."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +137,25 @@ def test_new_keys_accept_their_values():
     cfg = validate({"optimizer": "sgd", "lr-schedule": "cosine", "logit-adjust": 1, "grad-through-blocks": "false"})
     assert cfg["optimizer"] == "sgd" and cfg["lr-schedule"] == "cosine"
     assert cfg["logit-adjust"] == 1.0 and cfg["grad-through-blocks"] is False
+
+
+def test_fedprox_leaves_the_parameters_beyond_a_clients_depth_alone():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adapters.state import get_state
+    from adapters.training import TrainSettings, train_local
+    from runtime.models import model_and_spec
+
+    model, spec = model_and_spec(validate({"backbone-weights": ""}))
+    before = get_state(model)
+    data = TensorDataset(torch.randn(8, spec.in_chans, spec.img_size, spec.img_size), torch.randint(0, 10, (8,)))
+    try:
+        train_local(model, DataLoader(data, batch_size=4), 2, TrainSettings(epochs=1, prox_mu=0.1, weight_decay=0.1))
+        after = get_state(model)
+        moved = [k for k in before if not np.array_equal(before[k], after[k])]
+        assert moved and all(k.startswith(("adapters.0.", "adapters.1.", "heads.0.", "heads.1.")) for k in moved), moved
+    finally:
+        from adapters.state import set_state
+
+        set_state(model, before)  # the model is cached process-wide
