@@ -77,7 +77,7 @@ def test_pretrain_cli_returns_0_on_success(tmp_path, fake_fmnist):
     assert cli(["pretrain", *args, "--force"]) == 0
 
 
-def test_partitions_too_many_or_unwritable_out_isone_line(tmp_path, capsys):
+def test_partitions_too_many_or_unwritable_out_is_one_line(tmp_path, capsys):
     assert cli(["partitions", "--num-partitions", "5000", "--out", str(tmp_path / "s")]) == 2
     one_line(capsys.readouterr().err, "--num-partitions", "5000")
     assert not (tmp_path / "s.json").exists()

@@ -107,7 +107,7 @@ def test_missing_weights_file_names_the_key(tmp_path):
         load_backbone("vit_micro_patch7_28", weights=str(tmp_path / "nope.safetensors"))
 
 
-def test_a_corrupt_backbone_weights_file_isone_line(tmp_path):
+def test_a_corrupt_backbone_weights_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((ROOT / "anytime_assets" / "vit_micro_patch7_28.fmnist.safetensors").read_bytes()[:100])
     with pytest.raises(BackboneError) as err:

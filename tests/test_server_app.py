@@ -33,7 +33,7 @@ def test_a_failed_run_raises_an_exception_so_flower_marks_it_failed(fake_grid, t
 
 
 @pytest.mark.parametrize("output_dir", ["file", "/proc/anytime-fl-13"])
-def test_an_odd_or_unwritable_output_dir_isone_line(fake_grid, tmp_path, output_dir):
+def test_an_odd_or_unwritable_output_dir_is_one_line(fake_grid, tmp_path, output_dir):
     if output_dir == "file":
         output_dir = str(tmp_path / "file")
         Path(output_dir).write_text("x")
