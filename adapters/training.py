@@ -103,6 +103,21 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def no_decay(model: AnytimeViT, named) -> list[torch.Tensor]:
+    """The parameters of `named` that take no weight decay, by timm's rule
+    (`timm.optim.param_groups_weight_decay`, as DeiT trains): every 1-D one
+    (LayerNorm weights, biases) and the tokens the model lists in `no_weight_decay()`."""
+    exempt = model.no_weight_decay()
+    return [p for n, p in named if p.ndim <= 1 or n in exempt]
+
+
+def local_optimizer(model: AnytimeViT, names: set[str], s: TrainSettings):
+    """The optimiser of the trainable parameters in `names`, and those parameters."""
+    named = [(n, p) for n, p in model.trainable_named_parameters() if p.requires_grad and n in names]
+    params = [p for _, p in named]
+    return make_optimizer(params, s.optimizer, s.lr, s.weight_decay, no_decay=no_decay(model, named)), params
+
+
 def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
     # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
@@ -110,8 +125,7 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     # Local cross-entropy on a client's skewed labels would pull closed-form heads
     # towards its own classes; the server refits them instead.
     mine = set(sent_up_to(trainable_names(model), depth, fitted_heads=not s.train_heads))
-    params = [p for n, p in model.trainable_named_parameters() if p.requires_grad and n in mine]
-    opt = make_optimizer(params, s.optimizer, s.lr, s.weight_decay)
+    opt, params = local_optimizer(model, mine, s)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
     dev = model_device(model)

@@ -37,9 +37,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from adapters.build import build_model
 from adapters.head_fit import exit_statistics, solve_heads
-from adapters.optim import make_optimizer
 from adapters.state import set_state
-from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior
+from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, local_optimizer, logit_prior
 from core.config import clients_train_heads, parse_tiers, round_lr, validate
 from core.naming import sent_by_clients
 from fedtasks.task import load_partition, load_test
@@ -64,8 +63,7 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
     # the clients' settings, the epochs standing in for rounds in the learning-rate schedule
     s = TrainSettings.from_config(cfg, server_round=1, num_rounds=passes)
     fitted = not clients_train_heads(cfg)
-    params = [p for n, p in model.trainable_named_parameters() if sent_by_clients(n, fitted)]
-    opt = make_optimizer(params, s.optimizer, s.lr, s.weight_decay)
+    opt, _ = local_optimizer(model, {n for n, _ in model.trainable_named_parameters() if sent_by_clients(n, fitted)}, s)
     prior = None
     if cfg["logit-adjust"] > 0:
         prior = logit_prior(sum(label_counts(tr, model.num_classes) for tr, _ in parts), cfg["logit-adjust"])

@@ -249,7 +249,14 @@ KEYS: tuple[Key, ...] = (
             "Learning rate over the rounds: 'constant' or 'cosine' (decays to 0.05 lr at the last round).",
             choices=("constant", "cosine"),
         ),
-        Key("weight-decay", 1e-4, "Weight decay of the local optimiser.", _non_negative, setting="weight_decay"),
+        Key(
+            "weight-decay",
+            1e-4,
+            "Weight decay of the local optimiser, on weight matrices only: LayerNorm weights, biases and the "
+            "adapters' query and position tokens take none (timm's rule).",
+            _non_negative,
+            setting="weight_decay",
+        ),
         Key(
             "heads",
             "ridge",

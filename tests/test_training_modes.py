@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from adapters.backbone import load_backbone
 from adapters.model import AnytimeViT
-from adapters.training import TrainSettings, exit_losses, label_counts, logit_prior, train_local
+from adapters.training import TrainSettings, exit_losses, label_counts, logit_prior, no_decay, train_local
 from core.config import ConfigError, validate
 
 
@@ -159,3 +159,15 @@ def test_fedprox_leaves_the_parameters_beyond_a_clients_depth_alone():
         from adapters.state import set_state
 
         set_state(model, before)  # the model is cached process-wide
+
+
+def test_layernorms_biases_and_the_adapters_tokens_take_no_weight_decay(model):
+    named = model.trainable_named_parameters()
+    exempt = {id(p) for p in no_decay(model, named)}
+    free = {n for n, p in named if id(p) in exempt}
+    assert {"adapters.0.query", "adapters.0.pos", "adapters.0.norm1.weight", "adapters.0.down.bias"} <= free
+    assert {"heads.0.norm.weight", "heads.0.fc.bias"} <= free
+    decayed = {n for n, p in named if id(p) not in exempt}
+    # what decays: the weight matrices of the linear layers and the attention
+    assert decayed == {n for n, p in named if p.ndim == 2 and not n.endswith((".query", ".pos"))}
+    assert "adapters.0.attn.in_proj_weight" in decayed and "heads.0.fc.weight" in decayed
