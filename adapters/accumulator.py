@@ -46,6 +46,10 @@ class AccumulatorAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The learned tokens, kept from weight decay as timm's ViT keeps its CLS token and position embedding."""
+        return {"query", "pos"}
+
     def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """history: (B, l, D) CLS tokens of blocks 1..l.
 

@@ -53,8 +53,6 @@ def build_model(
         from .backbone_cache import cached_backbone
 
         backbone = cached_backbone(cache_dir, _load_backbone, **args)
-    if cfg["adapter-width"] % cfg["adapter-heads"]:
-        raise BackboneError("adapter-heads", f"must divide adapter-width ({cfg['adapter-width']})")
     # The same seed on server and clients gives identical fresh adapters, but
     # clients always load the server's weights anyway; the seed matters for
     # the server's initial state and reproducibility.

@@ -119,5 +119,14 @@ class AnytimeViT(nn.Module):
             return own
         return previous + (own - previous) / (i + 1)
 
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the adapters' learned tokens (timm's `no_weight_decay` convention)."""
+        return {
+            f"{prefix}.{name}"
+            for prefix, module in self.named_modules()
+            if isinstance(module, AccumulatorAdapter)
+            for name in module.no_weight_decay()
+        }
+
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]

@@ -18,9 +18,12 @@ class _Foreach:
     """What both optimisers share: the parameters, zero_grad, and which of
     them have a gradient this step (torch.optim skips the others)."""
 
-    def __init__(self, params, lr: float):
+    def __init__(self, params, lr: float, no_decay=()):
         self.params = list(params)
         self.lr = float(lr)
+        exempt = {id(p) for p in no_decay}
+        # torch.optim's second param group {"params": no_decay, "weight_decay": 0.0}
+        self.decays = [id(p) not in exempt for p in self.params]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -34,12 +37,18 @@ class _Foreach:
         params = [self.params[i] for i in live]
         return live, params, [p.grad for p in params]
 
+    def _decayed(self, live: list[int]) -> list[int]:
+        """Positions in `live` of the parameters that take weight decay."""
+        return [j for j, i in enumerate(live) if self.decays[i]]
+
 
 class AdamW(_Foreach):
     """torch.optim.AdamW(params, lr, weight_decay=..., foreach=True), no amsgrad."""
 
-    def __init__(self, params, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, lr)
+    def __init__(
+        self, params, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8, no_decay=()
+    ):
+        super().__init__(params, lr, no_decay)
         self.weight_decay, self.eps = float(weight_decay), float(eps)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.steps = [0] * len(self.params)  # per parameter: one without a gradient does not step
@@ -56,8 +65,9 @@ class AdamW(_Foreach):
         for i in live:
             self.steps[i] += 1
         steps = [float(self.steps[i]) for i in live]
-        if self.weight_decay != 0:
-            torch._foreach_mul_(params, 1 - self.lr * self.weight_decay)
+        decayed = [params[j] for j in self._decayed(live)]
+        if self.weight_decay != 0 and decayed:
+            torch._foreach_mul_(decayed, 1 - self.lr * self.weight_decay)
         torch._foreach_lerp_(m, grads, 1 - self.beta1)
         torch._foreach_mul_(v, self.beta2)
         torch._foreach_addcmul_(v, grads, grads, 1 - self.beta2)
@@ -70,8 +80,8 @@ class AdamW(_Foreach):
 class SGD(_Foreach):
     """torch.optim.SGD(params, lr, momentum=..., weight_decay=..., foreach=True)."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
-        super().__init__(params, lr)
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, no_decay=()):
+        super().__init__(params, lr, no_decay)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
 
@@ -80,8 +90,14 @@ class SGD(_Foreach):
         live, params, grads = self._live()
         if not live:
             return
-        if self.weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        decayed = self._decayed(live)
+        if self.weight_decay != 0 and decayed:
+            grads = list(grads)
+            sums = torch._foreach_add(
+                [grads[j] for j in decayed], [params[j] for j in decayed], alpha=self.weight_decay
+            )
+            for j, g in zip(decayed, sums):
+                grads[j] = g
         if self.momentum != 0:
             if any(self.buffers[i] is None for i in live):
                 for i, g in zip(live, grads):
@@ -97,8 +113,9 @@ class SGD(_Foreach):
         torch._foreach_add_(params, grads, alpha=-self.lr)
 
 
-def make_optimizer(params: list, name: str, lr: float, weight_decay: float):
-    """'adamw' or 'sgd' (momentum 0.9), as the run config's `optimizer` names it."""
+def make_optimizer(params: list, name: str, lr: float, weight_decay: float, no_decay=()):
+    """'adamw' or 'sgd' (momentum 0.9), as the run config's `optimizer` names it; the
+    parameters in `no_decay` (by identity) take no weight decay."""
     if name == "sgd":
-        return SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return AdamW(params, lr=lr, weight_decay=weight_decay)
+        return SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, no_decay=no_decay)
+    return AdamW(params, lr=lr, weight_decay=weight_decay, no_decay=no_decay)

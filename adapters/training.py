@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from core.config import clients_train_heads, settings
+from core.config import clients_train_heads, round_lr, settings
 from core.naming import sent_up_to
 
 from .model import AnytimeViT
@@ -45,11 +44,12 @@ class TrainSettings:
         personalize: bool = False,
         prox_mu: float = 0.0,
         server_round: int = 0,
+        num_rounds: int = 0,
         class_counts: torch.Tensor | None = None,
     ) -> "TrainSettings":
-        """Settings of federated training in `server_round`, or of the
-        personalisation round; `prox_mu` comes from the strategy and
-        `class_counts` (the client's labels, for logit adjustment) from its data."""
+        """Settings of federated training in `server_round` (of `num_rounds`, 0 = the run's), or of
+        the personalisation round; `prox_mu` comes from the strategy and `class_counts` (the
+        client's labels, for logit adjustment) from its data."""
         values = settings(cfg)
         if personalize:
             # A personal model should learn its own label prior, with AdamW at
@@ -58,7 +58,7 @@ class TrainSettings:
                 epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw", logit_adjust=0.0
             )
             return cls(**values, train_heads=clients_train_heads(cfg))
-        values["lr"] = round_lr(values["lr"], cfg["lr-schedule"], server_round, cfg["num-server-rounds"])
+        values["lr"] = round_lr(cfg, server_round, num_rounds)
         return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=clients_train_heads(cfg))
 
 
@@ -78,14 +78,6 @@ def logit_prior(counts: torch.Tensor, tau: float) -> torch.Tensor:
     prior of half an example, so its logit is pushed down, not to -inf."""
     p = counts.clamp_min(0.5)
     return tau * torch.log(p / p.sum())
-
-
-def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
-    """The learning rate of one round: constant, or cosine decay over the rounds (to 0.05 lr)."""
-    if schedule == "constant" or num_rounds <= 1 or server_round < 1:
-        return lr
-    t = min(server_round - 1, num_rounds - 1) / (num_rounds - 1)
-    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def exit_losses(
@@ -111,6 +103,21 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def no_decay(model: AnytimeViT, named) -> list[torch.Tensor]:
+    """The parameters of `named` that take no weight decay, by timm's rule
+    (`timm.optim.param_groups_weight_decay`, as DeiT trains): every 1-D one
+    (LayerNorm weights, biases) and the tokens the model lists in `no_weight_decay()`."""
+    exempt = model.no_weight_decay()
+    return [p for n, p in named if p.ndim <= 1 or n in exempt]
+
+
+def local_optimizer(model: AnytimeViT, names: set[str], s: TrainSettings):
+    """The optimiser of the trainable parameters in `names`, and those parameters."""
+    named = [(n, p) for n, p in model.trainable_named_parameters() if p.requires_grad and n in names]
+    params = [p for _, p in named]
+    return make_optimizer(params, s.optimizer, s.lr, s.weight_decay, no_decay=no_decay(model, named)), params
+
+
 def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
     """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
     # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
@@ -118,8 +125,7 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     # Local cross-entropy on a client's skewed labels would pull closed-form heads
     # towards its own classes; the server refits them instead.
     mine = set(sent_up_to(trainable_names(model), depth, fitted_heads=not s.train_heads))
-    params = [p for n, p in model.trainable_named_parameters() if p.requires_grad and n in mine]
-    opt = make_optimizer(params, s.optimizer, s.lr, s.weight_decay)
+    opt, params = local_optimizer(model, mine, s)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
     dev = model_device(model)

@@ -37,10 +37,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from adapters.build import build_model
 from adapters.head_fit import exit_statistics, solve_heads
-from adapters.optim import make_optimizer
 from adapters.state import set_state
-from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, logit_prior, round_lr
-from core.config import clients_train_heads, validate
+from adapters.training import TrainSettings, evaluate, exit_losses, label_counts, local_optimizer, logit_prior
+from core.config import clients_train_heads, parse_tiers, round_lr, validate
 from core.naming import sent_by_clients
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
@@ -60,16 +59,11 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
     parts = [load_partition(cfg, spec, pid, nodes) for pid in range(nodes)]
     train = ConcatDataset([tr for tr, _ in parts])
     val = ConcatDataset([va for _, va in parts])
-    depth = max(int(s) for s in str(cfg["tiers"]).split(","))
-    s = TrainSettings(
-        exit_loss=cfg["exit-loss"],
-        distill_weight=cfg["distill-weight"],
-        logit_adjust=cfg["logit-adjust"],
-        block_grad=cfg["grad-through-blocks"],
-    )
+    depth = max(parse_tiers(cfg))
+    # the clients' settings, the epochs standing in for rounds in the learning-rate schedule
+    s = TrainSettings.from_config(cfg, server_round=1, num_rounds=passes)
     fitted = not clients_train_heads(cfg)
-    params = [p for n, p in model.trainable_named_parameters() if sent_by_clients(n, fitted)]
-    opt = make_optimizer(params, cfg["optimizer"], cfg["lr"], cfg["weight-decay"])
+    opt, _ = local_optimizer(model, {n for n, _ in model.trainable_named_parameters() if sent_by_clients(n, fitted)}, s)
     prior = None
     if cfg["logit-adjust"] > 0:
         prior = logit_prior(sum(label_counts(tr, model.num_classes) for tr, _ in parts), cfg["logit-adjust"])
@@ -79,7 +73,7 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
         ridge_heads(model, train, depth, cfg)
     model.train()
     for epoch in range(1, passes + 1):
-        opt.lr = round_lr(cfg["lr"], cfg["lr-schedule"], epoch, passes)
+        opt.lr = round_lr(cfg, epoch, passes)
         for x, y in loader:
             total, _ = exit_losses(model(x, depth=depth, block_grad=s.block_grad), y, s, prior)
             opt.zero_grad(set_to_none=True)
@@ -134,7 +128,7 @@ def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -
 
     net = FeatureHeads(heads)
     params = list(net.parameters())
-    s = TrainSettings()
+    s = TrainSettings.from_config(cfg)
 
     def make_opt(lr):
         if cfg["optimizer"] == "sgd":
@@ -161,7 +155,7 @@ def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -
         counts = sum(label_counts(tr, ncls) for tr, _ in parts)
         for epoch in range(1, passes + 1):
             for g in opt.param_groups:
-                g["lr"] = round_lr(cfg["lr"], cfg["lr-schedule"], epoch, passes)
+                g["lr"] = round_lr(cfg, epoch, passes)
             local(train, opt, 1, gen, prior_of(counts))
     else:
         state = [p.detach().clone() for p in params]
@@ -173,7 +167,7 @@ def heads_proxy(cfg: dict, nodes: int, rounds: int, central_run: bool = False) -
                         p.copy_(v)
                 tr = parts[pid][0]
                 gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + pid * 1_009 + server_round)
-                opt = make_opt(round_lr(cfg["lr"], cfg["lr-schedule"], server_round, rounds))
+                opt = make_opt(round_lr(cfg, server_round, rounds))
                 local(tr, opt, cfg["local-epochs"], gen, prior_of(label_counts(tr, ncls)))
                 with torch.no_grad():
                     for a, p in zip(new, params):

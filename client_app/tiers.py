@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError, check_depth, parse_tiers
+from core.config import ConfigError, check_depth, parse_tiers, tier_fractions
 
 
 def partition_of(node_config: dict[str, Any]) -> tuple[int, int]:
@@ -25,11 +25,9 @@ def partition_of(node_config: dict[str, Any]) -> tuple[int, int]:
 def tier_of(partition_id: int, num_partitions: int, cfg: dict[str, Any]) -> int:
     """Index of the tier a partition belongs to under `tier-assignment`."""
     tiers = parse_tiers(cfg)
-    if cfg["tier-assignment"] == "even":
+    fractions = tier_fractions(cfg)  # one per tier: core.config checked it
+    if fractions is None:
         return partition_id % len(tiers)
-    fractions = [float(s) for s in str(cfg["tier-assignment"]).split(",")]
-    if len(fractions) != len(tiers):
-        raise ConfigError("tier-assignment", f"has {len(fractions)} fractions for {len(tiers)} tiers")
     # Contiguous blocks of partition ids per tier, sized by the fractions.
     edge = 0.0
     for i, f in enumerate(fractions):

@@ -12,6 +12,7 @@ overrides) as a flat dict of str/int/float/bool.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -91,9 +92,17 @@ def _speech_classes(v):
     return None if v in (12, 35) else "must be 12 or 35"
 
 
+def comma_list(value: Any, kind: Callable[[str], Any] = str) -> list:
+    """The items of a comma-separated run-config value, each stripped and
+    converted by `kind` ('' = no items); `kind` raises ValueError on a bad item.
+    The one parser of every list-valued key."""
+    text = str(value).strip()
+    return [kind(s.strip()) for s in text.split(",")] if text else []
+
+
 def _int_list(v):
     try:
-        items = [int(s) for s in str(v).split(",") if s.strip()]
+        items = comma_list(v, int)
     except ValueError:
         return "must be a comma-separated list of integers, e.g. '3,6,9,12'"
     if not items:
@@ -105,14 +114,14 @@ def _int_list(v):
 
 def _id_list(v):
     try:
-        items = [int(s) for s in str(v).split(",") if s.strip()]
+        items = comma_list(v, int)
     except ValueError:
         return "must be '' or a comma-separated list of partition ids, e.g. '0,3'"
     return None if all(i >= 0 for i in items) else "partition ids must be >= 0"
 
 
 def parse_attackers(cfg: dict[str, Any]) -> set[int]:
-    return {int(s) for s in str(cfg["attack-partitions"]).split(",") if s.strip()}
+    return set(comma_list(cfg["attack-partitions"], int))
 
 
 def check_attackers(cfg: dict[str, Any], num_partitions: int) -> None:
@@ -141,7 +150,7 @@ def _tier_assignment(v):
     if v == "even":
         return None
     try:
-        parts = [float(s) for s in str(v).split(",")]
+        parts = comma_list(v, float)
     except ValueError:
         return "must be 'even' or comma-separated fractions, one per tier, e.g. '0.4,0.3,0.2,0.1'"
     if any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
@@ -263,7 +272,14 @@ KEYS: tuple[Key, ...] = (
             "Learning rate over the rounds: 'constant' or 'cosine' (decays to 0.05 lr at the last round).",
             choices=("constant", "cosine"),
         ),
-        Key("weight-decay", 1e-4, "Weight decay of the local optimiser.", _non_negative, setting="weight_decay"),
+        Key(
+            "weight-decay",
+            1e-4,
+            "Weight decay of the local optimiser, on weight matrices only: LayerNorm weights, biases and the "
+            "adapters' query and position tokens take none (timm's rule).",
+            _non_negative,
+            setting="weight_decay",
+        ),
         Key(
             "heads",
             "ridge",
@@ -523,6 +539,17 @@ def clients_train_heads(cfg: dict[str, Any]) -> bool:
     return cfg["heads"] != "ridge"
 
 
+def round_lr(cfg: dict[str, Any], server_round: int, num_rounds: int = 0) -> float:
+    """The local learning rate of `server_round` (1-based) under `lr-schedule`: `lr`, or a cosine
+    decay over `num_rounds` (0 = `num-server-rounds`) down to 0.05 lr. The one place a round's rate
+    is computed: the clients' training, the strategies that need it (QFedAvg) and the benchmarks."""
+    lr, num_rounds = cfg["lr"], num_rounds or cfg["num-server-rounds"]
+    if cfg["lr-schedule"] == "constant" or num_rounds <= 1 or server_round < 1:
+        return lr
+    t = min(server_round - 1, num_rounds - 1) / (num_rounds - 1)
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def keys_in(group: str) -> tuple[str, ...]:
     """Names of the keys of `group`, and of the keys that shape its objects."""
     assert group in GROUPS, group
@@ -615,14 +642,17 @@ def parse_run_config(items: list[str]) -> dict:
 def _check_together(cfg: dict[str, Any]) -> None:
     """Checks of keys that must agree with each other (each alone passed)."""
     tiers = parse_tiers(cfg)
-    if cfg["tier-assignment"] != "even":
-        fractions = str(cfg["tier-assignment"]).split(",")
-        if len(fractions) != len(tiers):
-            raise ConfigError(
-                "tier-assignment",
-                f"has {len(fractions)} fractions for {len(tiers)} tiers (tiers={cfg['tiers']!r}): give one per tier",
-            )
+    fractions = tier_fractions(cfg)
+    if fractions is not None and len(fractions) != len(tiers):
+        raise ConfigError(
+            "tier-assignment",
+            f"has {len(fractions)} fractions for {len(tiers)} tiers (tiers={cfg['tiers']!r}): give one per tier",
+        )
     parse_tier_names(cfg)
+    if cfg["adapter-width"] % cfg["adapter-heads"]:
+        raise ConfigError(
+            "adapter-heads", f"must divide adapter-width ({cfg['adapter-width']}), got {cfg['adapter-heads']}"
+        )
 
 
 def check_heads_privacy(cfg: dict[str, Any]) -> None:
@@ -641,14 +671,19 @@ def check_heads_privacy(cfg: dict[str, Any]) -> None:
 
 
 def parse_tiers(cfg: dict[str, Any]) -> list[int]:
-    return [int(s) for s in str(cfg["tiers"]).split(",") if s.strip()]
+    return comma_list(cfg["tiers"], int)
+
+
+def tier_fractions(cfg: dict[str, Any]) -> list[float] | None:
+    """The share of partitions per tier, or None for `tier-assignment = "even"`."""
+    return None if cfg["tier-assignment"] == "even" else comma_list(cfg["tier-assignment"], float)
 
 
 def parse_tier_names(cfg: dict[str, Any]) -> list[str]:
     """One name per tier, or [] when the tiers go by their depth."""
-    if not str(cfg["tier-names"]).strip():
+    names = comma_list(cfg["tier-names"])
+    if not names:
         return []
-    names = [s.strip() for s in str(cfg["tier-names"]).split(",")]
     tiers = parse_tiers(cfg)
     if len(names) != len(tiers):
         raise ConfigError("tier-names", f"has {len(names)} names for {len(tiers)} tiers ({cfg['tiers']})")

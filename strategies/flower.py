@@ -23,6 +23,8 @@ rather than Flower's `Strategy.start`; docs/strategies.md says why.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -66,10 +68,18 @@ class FlowerGroups(DepthAwareFedAvg):
     """Runs one instance of a Flower strategy per group of blocks."""
 
     def __init__(
-        self, *, factory: Callable[[], Strategy], label: str, groups: str = "tier", tiers: Iterable[int] = (), **kwargs
+        self,
+        *,
+        factory: Callable[[], Strategy],
+        label: str,
+        groups: str = "tier",
+        tiers: Iterable[int] = (),
+        client_lr: Callable[[int], float] | None = None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.factory = factory
+        self.client_lr = client_lr  # the clients' learning rate in a round (core.config.round_lr)
         self.label = label
         self.group_mode = groups
         self.tiers = sorted(set(int(t) for t in tiers))
@@ -184,11 +194,15 @@ class FlowerGroups(DepthAwareFedAvg):
                 if hasattr(s, "num_sampled_clients"):
                     # DP noise is calibrated to the mean over this group's senders.
                     s.num_sampled_clients = len(senders)
+                if hasattr(s, "client_learning_rate") and self.client_lr is not None:
+                    # QFedAvg's Lipschitz estimate 1/lr follows the rate the clients trained with.
+                    s.client_learning_rate = self.client_lr(self._round)
             loss_key = next(
                 (s.train_loss_key for s in strategy_chain(inner) if hasattr(s, "train_loss_key")), "train_loss"
             )
             msgs = [self._group_reply(u, names, loss_key) for u in senders]
-            arrays, _ = inner.aggregate_train(self._round, msgs)
+            with _heap_frozen():
+                arrays, _ = inner.aggregate_train(self._round, msgs)
             if arrays is None:
                 log(
                     WARNING,
@@ -245,6 +259,19 @@ class FlowerGroups(DepthAwareFedAvg):
                 len(foreign),
                 foreign[0],
             )
+
+
+@contextlib.contextmanager
+def _heap_frozen():
+    """Flower's QFedAvg and Bulyan run a full gc.collect() for every reply they read
+    (`ArrayRecord.to_numpy_ndarrays(keep_input=False)`): in a server that has imported
+    torch each one walks every object of the process (0.1-0.3 s). Frozen, the objects
+    that existed before aggregation are left out, so a collection scans only its own."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _capture(obj, fresh, prefix: str, path: list[str], out: dict) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from core.config import ConfigError, defaults
+from core.config import ConfigError, defaults, round_lr
 
 # Aggregate XGBoost trees (bytes), not arrays of weights.
 NOT_ARRAYS = {"FedXgbBagging", "FedXgbCyclic"}
@@ -101,11 +101,21 @@ def _defaults(cls: type, cfg: dict[str, Any]) -> dict[str, Any]:
     """Values a class requires that the run config already holds."""
     params = inspect.signature(cls).parameters
     out = {}
-    if "client_learning_rate" in params:  # QFedAvg's estimate of the Lipschitz constant, 1/lr
-        out["client_learning_rate"] = cfg["lr"]
+    if "client_learning_rate" in params:  # QFedAvg's estimate of the Lipschitz constant, 1/lr; reset every round
+        out["client_learning_rate"] = round_lr(cfg, 1)
     if "num_sampled_clients" in params:  # reset every round to each group's senders
         out["num_sampled_clients"] = cfg["min-nodes"]
     return out
+
+
+def client_lr(cfg: dict[str, Any]) -> Callable[[int], float] | None:
+    """The clients' learning rate by round, for strategies that model it (QFedAvg), unless
+    strategy-args or strategy-inner-args fix `client_learning_rate` themselves."""
+    given = {**parse_args(cfg["strategy-args"], "strategy-args")}
+    given.update(parse_args(cfg["strategy-inner-args"], "strategy-inner-args"))
+    if "client_learning_rate" in given:
+        return None
+    return lambda server_round: round_lr(cfg, server_round)
 
 
 # Signature annotations whose type a literal can be checked against.

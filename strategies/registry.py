@@ -23,7 +23,7 @@ from .fedavgm import DepthAwareFedAvgM
 from .fedprox import DepthAwareFedProx
 from .fedyogi import DepthAwareFedYogi
 from .flower import FlowerGroups
-from .flower_spec import refuse_unused_inner, strategy_factory
+from .flower_spec import client_lr, refuse_unused_inner, strategy_factory
 from .median import DepthAwareMedian
 from .trimmed_mean import DepthAwareTrimmedMean
 
@@ -58,5 +58,6 @@ def build_strategy(name: str, cfg: dict[str, Any]) -> DepthAwareFedAvg:
         label=name,
         groups=cfg["strategy-groups"],
         tiers=parse_tiers(cfg),
+        client_lr=client_lr(cfg),
         **DepthAwareFedAvg.config_kwargs(cfg),
     )

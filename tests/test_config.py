@@ -1,11 +1,28 @@
 """Run-config schema: defaults in step with pyproject and README, validation names the key."""
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
 
-from core.config import GROUPS, KEYS, ConfigError, check_depths, defaults, keys_in, markdown_table, validate
+from core.config import (
+    GROUPS,
+    KEYS,
+    ConfigError,
+    check_depths,
+    comma_list,
+    defaults,
+    keys_in,
+    markdown_table,
+    parse_attackers,
+    parse_tier_names,
+    parse_tiers,
+    round_lr,
+    tier_fractions,
+    validate,
+)
+from tests.checks import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +87,11 @@ def test_defaults_validate():
         ({"topk-fraction": 0}, "topk-fraction"),
         ({"num-server-round": 3}, "num-server-round"),
         ({"device": "tpu"}, "device"),
+        ({"tiers": "3,,6"}, "tiers"),
+        ({"attack-partitions": "1,x"}, "attack-partitions"),
+        ({"tier-names": "phone,server"}, "tier-names"),  # 2 names, 4 tiers
+        ({"tier-names": "a,,b,c"}, "tier-names"),
+        ({"adapter-heads": 3}, "adapter-heads"),  # 32 wide
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -106,3 +128,45 @@ def test_a_gpu_asked_for_on_a_machine_without_one_names_device():
     if not torch.cuda.is_available():
         with pytest.raises(BackboneError, match="device: 'cuda:1' asked for"):
             resolve_device("cuda:1")
+
+
+def test_every_list_key_goes_through_one_parser():
+    assert comma_list(" 3, 6 ,9", int) == [3, 6, 9] and comma_list("") == [] and comma_list(" ") == []
+    cfg = validate({"tiers": "3, 12", "tier-assignment": "0.75, 0.25", "tier-names": "phone, server"})
+    assert parse_tiers(cfg) == [3, 12] and tier_fractions(cfg) == [0.75, 0.25]
+    assert parse_tier_names(cfg) == ["phone", "server"] and tier_fractions(validate({})) is None
+    assert parse_attackers(validate({"attack-partitions": "0, 3"})) == {0, 3}
+    source = (ROOT / "core" / "config.py").read_text() + (ROOT / "client_app" / "tiers.py").read_text()
+    assert source.count('split(",")') == 1
+
+
+def test_cosine_round_lr():
+    def lr(schedule, server_round, rounds):
+        return round_lr(validate({"lr": 0.1, "lr-schedule": schedule, "num-server-rounds": rounds}), server_round)
+
+    assert lr("constant", 7, 10) == 0.1
+    lrs = [lr("cosine", r, 10) for r in range(1, 11)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.005)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lr("cosine", 5, 1) == 0.1  # one round: nothing to decay
+    assert math.isfinite(lr("cosine", 12, 10))  # a personalisation round after the last
+    cfg = validate({"lr": 0.1, "lr-schedule": "cosine", "num-server-rounds": 10})
+    assert round_lr(cfg, 4, num_rounds=4) == pytest.approx(0.005)  # another horizon (central training's epochs)
+    from adapters.training import TrainSettings
+
+    assert TrainSettings.from_config(cfg, server_round=10).lr == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize(
+    "user, key",
+    [
+        ({"tier-assignment": "0.5,0.5"}, "tier-assignment"),  # 2 fractions, 4 tiers
+        ({"val-fraction": 1.0}, "val-fraction"),
+        ({"num-server-round": 3}, "num-server-round"),
+    ],
+)
+def test_config_mistakes_name_the_key(user, key):
+    with pytest.raises(ConfigError) as err:
+        validate(user)
+    assert err.value.key == key
+    one_line(str(err.value), key)

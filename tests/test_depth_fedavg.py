@@ -119,3 +119,18 @@ def test_a_reply_with_two_array_records_is_dropped_naming_them():
     arrays, _ = s.aggregate_train(1, [bad])
     assert arrays is None
     assert "expected one array record, found 2" in s.last_round["dropped-reasons"][0]
+
+
+def test_a_node_whose_depth_grew_is_sent_every_array_after_it_failed():
+    from flwr.app import ConfigRecord, Error, Message, MessageType
+
+    arrays = {f"heads.{i}.fc.weight": np.zeros((2, 2), np.float32) for i in range(3)}
+    strategy = DepthAwareFedAvg(min_nodes=1)
+    strategy.node_depth[5] = 1  # learnt when the node ran one block
+    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 1
+    failed = Message(Error(code=0, reason="server sent no weights for blocks 2..3"), reply_to=out[0])
+    strategy.global_arrays = arrays
+    strategy.accept(1, [failed])
+    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 3

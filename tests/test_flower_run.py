@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from core.config import validate
 from runtime.models import initial_state
 from server_app import results
 from tests.private_flower import private_flower
+
+pytestmark = pytest.mark.e2e  # `flwr run` on a local SuperLink (minutes)
 
 ROOT = Path(__file__).resolve().parents[1]
 

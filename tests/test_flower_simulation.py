@@ -12,6 +12,7 @@ all of them ran this way once (docs/strategies.md), at ~30 s each on a busy
 """
 
 import numpy as np
+import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -24,6 +25,8 @@ from runtime.models import initial_state
 from server_app import results
 from server_app.app import run
 from tests.test_flower_strategies import ARRAY_STRATEGIES
+
+pytestmark = pytest.mark.e2e  # Flower's Ray simulation engine
 
 # Four clients: Krum/Bulyan are told of no attacker, as Bulyan needs
 # 4f + 3 senders; with one depth-2 group of two senders it leaves that group be.

@@ -209,19 +209,29 @@ def test_dp_noise_per_group_is_that_of_one_mechanism_of_the_given_multiplier():
         )
 
 
-def test_qfedavg_weighs_each_client_by_its_mean_training_loss():
-    def with_loss(clients):
-        out = _replies(clients)
-        for msg, (_, d, _, _) in zip(out, clients):
-            for i in range(1, d + 1):
-                msg.content.metric_records["metrics"][f"train-loss-{i}"] = float(i)
-        return out
+def _with_loss(clients):
+    out = _replies(clients)
+    for msg, (_, d, _, _) in zip(out, clients):
+        for i in range(1, d + 1):
+            msg.content.metric_records["metrics"][f"train-loss-{i}"] = float(i)
+    return out
 
+
+def test_qfedavg_weighs_each_client_by_its_mean_training_loss():
     s = _build("flwr:QFedAvg", "q=0.0 client_learning_rate=1.0")
-    got = _rounds(s, [EQUAL], with_loss)
+    got = _rounds(s, [EQUAL], _with_loss)
     for k in GLOBAL:  # q = 0: plain unweighted mean of the updates
         mean = np.mean([_deltas(3, seed)[k] for _, _, _, seed in EQUAL], axis=0)
         assert np.allclose(got[k] - GLOBAL[k], mean, atol=1e-5)
+
+
+def test_qfedavg_takes_the_clients_learning_rate_of_each_round_unless_given():
+    s = _build("flwr:QFedAvg", "q=0.1", **{"lr-schedule": "cosine", "num-server-rounds": 3, "lr": 0.1})
+    _rounds(s, [EQUAL, EQUAL, EQUAL], _with_loss)
+    assert [inner.client_learning_rate for inner in s.inner.values()] == [pytest.approx(0.005)] * len(s.inner)
+    fixed = _build("flwr:QFedAvg", "q=0.1 client_learning_rate=1.0", **{"lr-schedule": "cosine"})
+    _rounds(fixed, [EQUAL, EQUAL], _with_loss)
+    assert {inner.client_learning_rate for inner in fixed.inner.values()} == {1.0}
 
 
 def test_fedprox_mu_reaches_the_clients():

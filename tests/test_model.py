@@ -1,5 +1,7 @@
 """The anytime model: depth-limited forward, frozen backbone, state round trip."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,9 @@ from adapters.model import AnytimeViT
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, train_local
 from core.naming import param_block
+from tests.checks import one_line
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +105,11 @@ def test_unknown_backbone_names_the_key():
 def test_missing_weights_file_names_the_key(tmp_path):
     with pytest.raises(BackboneError, match="backbone-weights: no weights file"):
         load_backbone("vit_micro_patch7_28", weights=str(tmp_path / "nope.safetensors"))
+
+
+def test_a_corrupt_backbone_weights_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((ROOT / "anytime_assets" / "vit_micro_patch7_28.fmnist.safetensors").read_bytes()[:100])
+    with pytest.raises(BackboneError) as err:
+        load_backbone("vit_micro_patch7_28", weights=str(bad))
+    one_line(str(err.value), str(bad), "backbone-weights")

@@ -22,6 +22,7 @@ from server_app import results
 from server_app.nothing_accepted import NothingAccepted, nothing_accepted
 
 TINY = {
+    "task": "digits",
     "backbone-weights": "",
     "num-server-rounds": 1,
     "local-epochs": 1,

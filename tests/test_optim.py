@@ -38,8 +38,21 @@ def _train(make, sometimes_idle: bool):
             lambda p: SGD(p, lr=1e-3, momentum=0.9, weight_decay=1e-4),
             lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, weight_decay=1e-4),
         ),
+        # the parameters exempt from weight decay: torch.optim's second param group
+        (
+            lambda p: AdamW(p, lr=3e-3, weight_decay=0.05, no_decay=p[1:]),
+            lambda p: torch.optim.AdamW(
+                [{"params": p[:1]}, {"params": p[1:], "weight_decay": 0.0}], lr=3e-3, weight_decay=0.05
+            ),
+        ),
+        (
+            lambda p: SGD(p, lr=1e-3, momentum=0.9, weight_decay=0.05, no_decay=p[1:]),
+            lambda p: torch.optim.SGD(
+                [{"params": p[:1]}, {"params": p[1:], "weight_decay": 0.0}], lr=1e-3, momentum=0.9, weight_decay=0.05
+            ),
+        ),
     ],
-    ids=["adamw", "sgd"],
+    ids=["adamw", "sgd", "adamw-no-decay", "sgd-no-decay"],
 )
 def test_same_bits_as_torch_optim(ours, theirs, sometimes_idle):
     mine, ref = _train(ours, sometimes_idle), _train(theirs, sometimes_idle)

@@ -1,6 +1,7 @@
 """Personalisation: local fine-tuning on the client, metrics-only replies, the server's summary."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -8,18 +9,18 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from safetensors.numpy import load_file
 
 import client_app.personalize as personalize_mod
-from adapters.state import get_state
+from adapters.state import get_state, set_state
 from client_app.app import evaluate_exits
 from core.config import validate
 from core.naming import param_block
 from core.records import to_record
-from runtime.models import model_and_spec
+from runtime.models import initial_state, model_and_spec
 from server_app import checkpoint, results
 from server_app.app import run
 from server_app.personalization import FILE, summarize
 from tests.flowerkit import context
 
-RUN = {"backbone-weights": "", "batch-size": 32, "personalize-epochs": 2, "personalize-lr": 3e-3}
+RUN = {"task": "digits", "backbone-weights": "", "batch-size": 32, "personalize-epochs": 2, "personalize-lr": 3e-3}
 
 
 def _personalize_message(arrays, node_id=1):
@@ -32,8 +33,11 @@ def _personalize_message(arrays, node_id=1):
 def test_personalisation_trains_on_the_client_only_and_lowers_its_training_loss(monkeypatch):
     model, _ = model_and_spec(validate(RUN))
     rng = np.random.default_rng(0)
-    # global weights that differ from whatever the cached model holds now
-    sent = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in get_state(model).items()}
+    # global weights near the fresh adapters (whatever earlier tests left in the cached model,
+    # fine-tuning must start from the same point) that differ from what the model holds now
+    start = initial_state(validate(RUN))
+    set_state(model, start)
+    sent = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in start.items()}
     personal = {}
     real_fine_tune = personalize_mod.fine_tune
 
@@ -139,3 +143,29 @@ def test_no_personalisation_round_when_epochs_is_zero(fake_grid, tmp_path):
     run_dir = run(grid, cfg)
     assert not any(d["config"].get("personalize") for d in grid.delivered)
     assert not (run_dir / FILE).exists()
+
+
+def test_personalisation_sends_a_node_the_arrays_of_its_depth_and_names_a_dead_one(caplog):
+    from flwr.app import Error
+
+    from server_app.personalization import request
+
+    arrays = {f"heads.{i}.fc.weight": np.zeros((2, 2), np.float32) for i in range(3)}
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def send_and_receive(self, messages, timeout):
+            self.sent = list(messages)
+            for i, m in enumerate(self.sent):
+                m.metadata.__dict__["_message_id"] = f"id{i}"
+            # node 2 died: the SuperLink answers for it, from itself (node 0)
+            return [Message(Error(code=0, reason="node gone"), reply_to=self.sent[1])]
+
+    grid = Grid()
+    replies = request(grid, arrays, validate({}), 2, node_depth={1: 1, 2: 2})
+    assert [len(m.content.array_records["arrays"]) for m in grid.sent] == [1, 2, 3]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert summarize(replies, validate({}))["failed"] == 1
+    assert "node 2 failed: node gone" in caplog.text

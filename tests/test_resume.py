@@ -19,6 +19,7 @@ from server_app.app import run
 from server_app.personalization import FILE as PERSONALIZATION
 
 BASE = {
+    "task": "digits",
     "backbone-weights": "",
     "num-server-rounds": 3,
     "local-epochs": 1,

@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from server_app import checkpoint, results
 from server_app.app import run
 from tests.ctrl_c import default_sigint
 from tests.private_flower import private_flower
+
+pytestmark = pytest.mark.e2e  # scripts/simulate.sh and Flower's local SuperLink (minutes)
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 2

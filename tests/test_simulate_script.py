@@ -16,6 +16,8 @@ from flwr.common.config import parse_config_args
 
 from tests.ctrl_c import default_sigint
 
+pytestmark = pytest.mark.e2e  # scripts/simulate.sh in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_FLWR = r"""#!/usr/bin/env bash

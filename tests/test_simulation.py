@@ -1,6 +1,7 @@
 """One round through Flower's simulation engine with the real ClientApp and ServerApp code."""
 
 import numpy as np
+import pytest
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -11,6 +12,8 @@ from core.config import validate
 from runtime.models import initial_state
 from server_app import results
 from server_app.app import run
+
+pytestmark = pytest.mark.e2e  # Flower's Ray simulation engine
 
 
 def test_one_simulated_round_changes_the_adapter_weights(tmp_path):

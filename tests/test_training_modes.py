@@ -1,7 +1,6 @@
 """Local training options: gradient stop at the frozen blocks, logit adjustment, optimiser and schedule."""
 
-import math
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +8,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from adapters.backbone import load_backbone
 from adapters.model import AnytimeViT
-from adapters.training import TrainSettings, exit_losses, label_counts, logit_prior, round_lr, train_local
+from adapters.training import TrainSettings, exit_losses, label_counts, logit_prior, no_decay, train_local
 from core.config import ConfigError, validate
 
 
@@ -118,15 +117,6 @@ def test_logit_adjustment_unbiases_a_skewed_client(model):
     assert share[1.0] < share[0.0]
 
 
-def test_cosine_round_lr():
-    assert round_lr(0.1, "constant", 7, 10) == 0.1
-    lrs = [round_lr(0.1, "cosine", r, 10) for r in range(1, 11)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.005)
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert round_lr(0.1, "cosine", 5, 1) == 0.1  # one round: nothing to decay
-    assert math.isfinite(round_lr(0.1, "cosine", 12, 10))  # a personalisation round after the last
-
-
 def test_sgd_optimizer_trains(model):
     before = model.heads[0].fc.weight.detach().clone()
     ds = TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 4, (8,)))
@@ -147,3 +137,37 @@ def test_new_keys_accept_their_values():
     cfg = validate({"optimizer": "sgd", "lr-schedule": "cosine", "logit-adjust": 1, "grad-through-blocks": "false"})
     assert cfg["optimizer"] == "sgd" and cfg["lr-schedule"] == "cosine"
     assert cfg["logit-adjust"] == 1.0 and cfg["grad-through-blocks"] is False
+
+
+def test_fedprox_leaves_the_parameters_beyond_a_clients_depth_alone():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adapters.state import get_state
+    from adapters.training import TrainSettings, train_local
+    from runtime.models import model_and_spec
+
+    model, spec = model_and_spec(validate({"backbone-weights": ""}))
+    before = get_state(model)
+    data = TensorDataset(torch.randn(8, spec.in_chans, spec.img_size, spec.img_size), torch.randint(0, 10, (8,)))
+    try:
+        train_local(model, DataLoader(data, batch_size=4), 2, TrainSettings(epochs=1, prox_mu=0.1, weight_decay=0.1))
+        after = get_state(model)
+        moved = [k for k in before if not np.array_equal(before[k], after[k])]
+        assert moved and all(k.startswith(("adapters.0.", "adapters.1.", "heads.0.", "heads.1.")) for k in moved), moved
+    finally:
+        from adapters.state import set_state
+
+        set_state(model, before)  # the model is cached process-wide
+
+
+def test_layernorms_biases_and_the_adapters_tokens_take_no_weight_decay(model):
+    named = model.trainable_named_parameters()
+    exempt = {id(p) for p in no_decay(model, named)}
+    free = {n for n, p in named if id(p) in exempt}
+    assert {"adapters.0.query", "adapters.0.pos", "adapters.0.norm1.weight", "adapters.0.down.bias"} <= free
+    assert {"heads.0.norm.weight", "heads.0.fc.bias"} <= free
+    decayed = {n for n, p in named if id(p) not in exempt}
+    # what decays: the weight matrices of the linear layers and the attention
+    assert decayed == {n for n, p in named if p.ndim == 2 and not n.endswith((".query", ".pos"))}
+    assert "adapters.0.attn.in_proj_weight" in decayed and "heads.0.fc.weight" in decayed

@@ -1,0 +1,69 @@
+"""The ServerApp's run (server_app/app.py): a failed run is an exception Flower marks failed, bad
+output folders are one line, a round counts accepted bytes only, replies are read in partition order."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import ConfigError
+from server_app.app import RunFailed, in_partition_order, main, round_row, run
+from tests.checks import TINY, one_line
+
+NODES = 2
+
+
+def test_a_failed_run_raises_an_exception_so_flower_marks_it_failed(fake_grid, tmp_path, caplog):
+    from flwr.app import Context, RecordDict
+
+    (tmp_path / "afile").write_text("not a folder")
+    cfg = {**TINY, "output-dir": str(tmp_path / "afile")}
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
+    with caplog.at_level(logging.ERROR, logger="flwr"):
+        with pytest.raises(RunFailed):  # an Exception: Flower lists a run that raised SystemExit as completed
+            main(fake_grid(NODES, cfg), ctx)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    one_line(errors[0], "anytime-fl stopped", "output-dir", str(tmp_path / "afile"))
+    assert not hasattr(sys, "tracebacklimit")  # only Flower's own run processes drop the traceback
+
+
+@pytest.mark.parametrize("output_dir", ["file", "/proc/anytime-fl-13"])
+def test_an_odd_or_unwritable_output_dir_is_one_line(fake_grid, tmp_path, output_dir):
+    if output_dir == "file":
+        output_dir = str(tmp_path / "file")
+        Path(output_dir).write_text("x")
+    cfg = {**TINY, "output-dir": output_dir}
+    with pytest.raises(ConfigError) as err:
+        run(fake_grid(NODES, cfg), cfg)
+    assert err.value.key == "output-dir"
+    one_line(str(err.value), output_dir)
+
+
+def test_a_round_counts_the_bytes_of_accepted_updates_only():
+    row = round_row(
+        1,
+        1.0,
+        {"accuracy": [0.5]},
+        {"bytes-up": 100, "clients": 1, "dropped": 1},
+        None,
+        None,
+        [],
+        {"dense-adapter-bytes": 1, "full-finetune-bytes": 2},
+    )
+    assert row["bytes-up"] == 100
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive():
+    from tests.flowerkit import reply
+
+    msgs = []
+    for pid in (2, 0, 1):
+        m = reply({"heads.0.fc.weight": np.full((2, 2), pid, np.float32)}, 10, 1, node_id=100 + pid)
+        m.content.metric_records["metrics"]["partition-id"] = pid
+        msgs.append(m)
+    assert [m.content.metric_records["metrics"]["partition-id"] for m in in_partition_order(msgs)] == [0, 1, 2]
