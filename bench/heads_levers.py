@@ -1,7 +1,7 @@
 """The federation gap on the exit heads alone, lever by lever, in seconds.
 
 The 12 LayerNorm+linear exit heads on the frozen blocks' CLS features (the
-default digits task, 20 clients, Dirichlet 0.5): a convex problem that
+digits task, the default until issue 21, 20 clients, Dirichlet 0.5): a convex problem that
 loses as much to federation as the whole AnytimeViT does (docs/benchmarks.md).
 Features are computed once; each experiment is then seconds of CPU, so
 every lever the literature offers can be tried at the full run length:
@@ -57,7 +57,7 @@ def features(nodes: int, patch_mean: bool = False):
     from accuracy import build_baseline
     from peers import cls_features
 
-    cfg = validate({"tiers": "12"})
+    cfg = validate({"tiers": "12", "task": "digits"})  # the measurements of docs/benchmarks.md sections 1-2c
     model, spec = model_and_spec(cfg)
     backbone = build_baseline(cfg, "head", model.num_classes).backbone
 

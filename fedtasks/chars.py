@@ -135,7 +135,8 @@ class CharsTask(Task):
         # A client renders only its own typeface (0.3 s) instead of all 22 and
         # a partitioner over them; the draw is the partitioner's own.
         if num_partitions > len(TYPEFACES):
-            raise DataError(
+            # a ValueError, as a partitioner's own complaint: callers name their key (--num-partitions, nodes)
+            raise ValueError(
                 f"the chars task has {len(TYPEFACES)} typefaces, too few for {num_partitions} partitions "
                 f"of one typeface each: run with at most {len(TYPEFACES)} nodes"
             )

@@ -3,6 +3,7 @@ restart, stops on the app's own errors, and always names the command that contin
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from anytime_fl import deployrun
 # A stand-in for the `flwr` CLI: every `flwr run` takes the next scripted outcome from
 # state.json; `flwr ls` answers it (None = SuperLink unreachable); calls are logged.
 FAKE = r"""
-import fcntl, json, sys
+import fcntl, json, os, sys
 from pathlib import Path
 state_path = Path(__file__).with_name("state.json")
 lock = open(state_path.with_suffix(".lock"), "w")
@@ -32,7 +33,10 @@ if args[0] == "run":
 elif args[0] == "ls":
     status, details = state["runs"][int(args[args.index("--run-id") + 1]) - 1]
     out = {"success": True, "runs": [{"status": status, "status-details": details}]}
-state_path.write_text(json.dumps(state))
+# atomically: deploy-run may end a `flwr log` follower mid-write
+tmp = state_path.with_name(f"state.{os.getpid()}.tmp")
+tmp.write_text(json.dumps(state))
+os.replace(tmp, state_path)
 if out is None and args[0] != "log":
     sys.exit(1)
 if out is not None:
@@ -53,9 +57,12 @@ def fake_flwr(tmp_path):
 
     def run(outcomes, *extra):
         (tmp_path / "state.json").write_text(json.dumps({"outcomes": outcomes, "runs": [], "calls": []}))
-        argv = [".", "prod", "--poll", "0.01", "--superlink-wait", "3", "--flwr", str(exe), *extra]
+        argv = [".", "prod", "--poll", "0.01", "--superlink-wait", "10", "--flwr", str(exe), *extra]
         code = deployrun.main(argv)
-        return code, json.loads((tmp_path / "state.json").read_text())["calls"]
+        # a `flwr log` follower may still be writing the state as deploy-run ends it
+        with open(tmp_path / "state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return code, json.loads((tmp_path / "state.json").read_text())["calls"]
 
     return run
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from flwr.app import Error, Message, RecordDict
 
@@ -59,20 +57,6 @@ def clock(monkeypatch):
     monkeypatch.setattr(exchange, "_clock", fake)
     monkeypatch.setattr(exchange, "_sleep", fake.sleep)
     return fake
-
-
-@pytest.fixture
-def flwr_log():
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Keep()
-    logging.getLogger("flwr").addHandler(handler)
-    yield records
-    logging.getLogger("flwr").removeHandler(handler)
 
 
 def _cfg(tmp_path, **extra):

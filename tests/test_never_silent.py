@@ -20,18 +20,8 @@ from runtime.models import initial_state
 from server_app import app as server_app
 from server_app import results
 from server_app.nothing_accepted import NothingAccepted, nothing_accepted
+from tests.checks import TINY
 
-TINY = {
-    "task": "digits",
-    "backbone-weights": "",
-    "num-server-rounds": 1,
-    "local-epochs": 1,
-    "batch-size": 32,
-    "tiers": "1,2",
-    "fraction-evaluate": 0.0,
-    "personalize-epochs": 0,
-    "min-nodes-timeout": 5,
-}
 NODES = 2
 
 

@@ -34,5 +34,5 @@ def test_min_nodes_stops_after_the_timeout_saying_how_many_came():
 
 def test_a_federation_with_more_nodes_than_examples_stops_before_round_1():
     with pytest.raises(DataError) as err:
-        preflight.partition_document(validate({}), 5000)
+        preflight.partition_document(validate({"task": "digits"}), 5000)
     one_line(str(err.value), "digits", "5000")

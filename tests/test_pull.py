@@ -4,7 +4,6 @@ line keeps coming while a call blocks."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
@@ -19,20 +18,6 @@ from flwr.superlink.grid import HttpGrid
 
 from server_app import exchange, pull
 from tests.localgrid import ensure_task_identity
-
-
-@pytest.fixture
-def flwr_log():
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Keep()
-    logging.getLogger("flwr").addHandler(handler)
-    yield records
-    logging.getLogger("flwr").removeHandler(handler)
 
 
 class FakeRuntime:

@@ -8,6 +8,7 @@ from core.config import validate
 from fedtasks.base import DataError
 from fedtasks.chars import CLASSES, TEST_RENDERS, TRAIN_RENDERS, TYPEFACES, client_typefaces, font_dir, render
 from fedtasks.task import get_task, partition_stats
+from server_app.preflight import partition_document
 
 
 def test_every_typeface_has_every_character():
@@ -50,8 +51,10 @@ def test_test_set_covers_every_typeface_and_class():
 
 def test_more_clients_than_typefaces_is_refused():
     cfg = validate({"task": "chars"})
-    with pytest.raises(DataError, match="at most 22 nodes"):
+    with pytest.raises(ValueError, match="at most 22 nodes"):
         get_task(cfg).partition(cfg, 0, 23)
+    with pytest.raises(DataError, match="cannot split task 'chars' over 23 nodes.*at most 22"):
+        partition_document(cfg, 23)  # the server, before round 1
 
 
 def test_partition_stats_name_the_typeface():
