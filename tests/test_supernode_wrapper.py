@@ -8,7 +8,6 @@ finished"), after the node's SuperExec has started a ClientApp for the task.
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import pytest
@@ -106,8 +105,3 @@ def test_other_pull_errors_pass_unchanged():
 def test_without_flowers_receive_step_the_wrapper_changes_nothing(monkeypatch):
     monkeypatch.delattr(sci, "_pull_and_store_message")
     assert not supernode.patch_message_cleanup()
-
-
-def test_watchdog_knows_the_wrapper_as_a_supernode():
-    watchdog = importlib.import_module("client_app.watchdog")
-    assert any(name in "python -m anytime_fl.supernode --insecure" for name in watchdog.SUPERNODES)
