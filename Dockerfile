@@ -49,4 +49,4 @@ WORKDIR /home/app
 # The SuperLink's one port (Fleet, Control and Runtime APIs); SuperNodes
 # only dial out and need no published port.
 EXPOSE 8000
-CMD ["flower-supernode", "--help"]
+CMD ["python", "-m", "anytime_fl.supernode", "--help"]

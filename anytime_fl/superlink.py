@@ -10,15 +10,25 @@ later runs stay `pending`. Started as
     python -m anytime_fl.superlink <flower-superlink arguments>
 
 the SuperLink waits up to ANYTIME_SQLITE_BUSY_MS (default 120000 ms)
-instead. Everything else is Flower's own `flower-superlink`.
+instead.
+
+On SIGTERM Flower's HTTP server (uvicorn) waits for every open connection
+to close before it stops, with no limit: a `flwr run --stream` or
+`flwr log --stream` attached to a run keeps it at "Waiting for connections
+to close" until the supervisor kills it. Through this wrapper it waits at
+most ANYTIME_SUPERLINK_STOP_GRACE_S seconds (default 5, uvicorn's
+`timeout_graceful_shutdown`), then cancels the open requests and stops as
+usual. Everything else is Flower's own `flower-superlink`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 DEFAULT_BUSY_MS = 120_000
+DEFAULT_STOP_GRACE_S = 5
 
 
 def patch_lock_wait(ms: int) -> bool:
@@ -35,11 +45,31 @@ def patch_lock_wait(ms: int) -> bool:
     return True
 
 
-def main() -> None:
-    raw = os.environ.get("ANYTIME_SQLITE_BUSY_MS", str(DEFAULT_BUSY_MS))
+def patch_stop_grace(seconds: int) -> None:
+    """Bound the wait for open connections when the SuperLink is asked to stop."""
+    import uvicorn
+
+    run = getattr(uvicorn.run, "__wrapped__", uvicorn.run)
+
+    @functools.wraps(run)
+    def bounded_run(*args, **kwargs):
+        kwargs.setdefault("timeout_graceful_shutdown", seconds)
+        return run(*args, **kwargs)
+
+    uvicorn.run = bounded_run
+
+
+def _positive_env(name: str, default: int, unit: str) -> int:
+    raw = os.environ.get(name, str(default))
     if not raw.isdigit() or int(raw) <= 0:
-        sys.exit(f"ANYTIME_SQLITE_BUSY_MS must be a positive number of milliseconds, got {raw!r}")
-    if not patch_lock_wait(int(raw)):
+        sys.exit(f"{name} must be a positive number of {unit}, got {raw!r}")
+    return int(raw)
+
+
+def main() -> None:
+    busy_ms = _positive_env("ANYTIME_SQLITE_BUSY_MS", DEFAULT_BUSY_MS, "milliseconds")
+    patch_stop_grace(_positive_env("ANYTIME_SUPERLINK_STOP_GRACE_S", DEFAULT_STOP_GRACE_S, "seconds"))
+    if not patch_lock_wait(busy_ms):
         print(
             "anytime_fl.superlink: this Flower release has no SQLITE_PRAGMAS to adjust; "
             "starting flower-superlink unchanged",

@@ -30,6 +30,8 @@ from pathlib import Path
 CHECK_S = 2.0
 REPLY_GRACE_S = 45.0
 PROCESS = "flwr-clientapp"
+# A SuperNode's command line: Flower's, or the project's wrapper (anytime_fl/supernode.py).
+SUPERNODES = ("flower-supernode", "anytime_fl.supernode")
 _EXIT_ORPHANED = 75  # EX_TEMPFAIL: the node's services are gone
 _EXIT_STUCK = 70  # EX_SOFTWARE: the reply could not be handed over
 
@@ -66,7 +68,12 @@ def watched_pids(pid: int | None = None) -> list[int]:
     parent = stat[1]
     out = [parent]
     above = _stat(parent)
-    if "flower-superexec" in _cmdline(parent) and above and above[1] > 1 and "flower-supernode" in _cmdline(above[1]):
+    if (
+        "flower-superexec" in _cmdline(parent)
+        and above
+        and above[1] > 1
+        and any(name in _cmdline(above[1]) for name in SUPERNODES)
+    ):
         out.append(above[1])
     return out
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from client_app import watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +36,12 @@ time.sleep(60)
 """
 
 
-def _chain(tmp_path: Path, grace: float):
+def _chain(tmp_path: Path, grace: float, supernode: str = "flower-supernode"):
     pid_file = tmp_path / "clientapp.pid"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     middle = [sys.executable, "-c", MIDDLE, CHILD, str(pid_file), str(grace), "flower-superexec"]
     top_code = f"import subprocess, time; subprocess.Popen({middle!r}); time.sleep(60)"
-    top = subprocess.Popen([sys.executable, "-c", top_code, "flower-supernode"], env=env)
+    top = subprocess.Popen([sys.executable, "-c", top_code, supernode], env=env)
     end = time.monotonic() + 60
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < end:
         time.sleep(0.1)
@@ -55,8 +57,10 @@ def _gone_within(pid: int, seconds: float) -> bool:
     return False
 
 
-def test_the_clientapp_ends_when_the_supernode_above_its_superexec_dies(tmp_path):
-    top, child = _chain(tmp_path, grace=1000)
+# Flower's SuperNode, or the project's wrapper of it (python -m anytime_fl.supernode)
+@pytest.mark.parametrize("supernode", ["flower-supernode", "anytime_fl.supernode"])
+def test_the_clientapp_ends_when_the_supernode_above_its_superexec_dies(tmp_path, supernode):
+    top, child = _chain(tmp_path, grace=1000, supernode=supernode)
     middle = watchdog._stat(child)[1]
     assert "flower-superexec" in watchdog._cmdline(middle)
     assert watchdog.watched_pids(child) == [middle, top.pid]
