@@ -24,8 +24,7 @@ from flwr.common.logger import log
 from adapters.head_fit import CROSS, GRAM, exit_label_counts, federation_exit, solve_heads, stat_name
 from core.naming import up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
-
-FILE = "head_fit.json"
+from core.run_files import HEAD_FIT as FILE
 
 
 def due(cfg: dict, server_round: int) -> bool:
