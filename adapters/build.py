@@ -67,7 +67,7 @@ def with_adapters(backbone, num_classes: int, cfg: dict[str, Any]) -> AnytimeViT
         backbone,
         num_classes,
         width=cfg["adapter-width"],
-        heads=cfg["adapter-heads"],
+        num_heads=cfg["adapter-heads"],
         mlp_ratio=cfg["adapter-mlp-ratio"],
         shared_adapter=cfg["shared-adapter"],
         ensemble=cfg["exit-ensemble"],

@@ -19,7 +19,7 @@ class AnytimeViT(nn.Module):
             given (frozen by `adapters.backbone.load_backbone`).
         num_classes: classes of every exit head.
         width: attention width of each adapter (`adapter-width`).
-        heads: attention heads of each adapter (`adapter-heads`); must divide width.
+        num_heads: attention heads of each adapter (`adapter-heads`); must divide width.
         mlp_ratio: the adapter MLP's hidden size as a multiple of `width`.
         shared_adapter: one adapter for every block instead of one per block
             (the heads stay one per block).
@@ -35,7 +35,7 @@ class AnytimeViT(nn.Module):
         num_classes: int,
         *,
         width: int = 32,
-        heads: int = 2,
+        num_heads: int = 2,
         mlp_ratio: float = 2.0,
         shared_adapter: bool = False,
         ensemble: bool = False,
@@ -45,7 +45,7 @@ class AnytimeViT(nn.Module):
         self.backbone = backbone
         self.num_blocks = len(backbone.blocks)
         dim = backbone.embed_dim
-        make = lambda: AccumulatorAdapter(dim, self.num_blocks, width, heads, mlp_ratio)  # noqa: E731
+        make = lambda: AccumulatorAdapter(dim, self.num_blocks, width, num_heads, mlp_ratio)  # noqa: E731
         self.shared = shared_adapter
         if shared_adapter:
             self.adapter = make()

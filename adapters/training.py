@@ -34,7 +34,7 @@ class TrainSettings:
     logit_adjust: float = 0.0  # tau of logit adjustment by the client's label prior (0 = off)
     class_counts: torch.Tensor | None = None  # the client's training label counts
     block_grad: bool = True  # False: the frozen blocks build no graph (gradient stops there)
-    train_heads: bool = True  # False: only the adapters train (the heads are fitted in closed form)
+    clients_train_heads: bool = True  # False: only the adapters train (core.config.clients_train_heads)
 
     @classmethod
     def from_config(
@@ -57,9 +57,9 @@ class TrainSettings:
             values.update(
                 epochs=cfg["personalize-epochs"], lr=cfg["personalize-lr"], optimizer="adamw", logit_adjust=0.0
             )
-            return cls(**values, train_heads=clients_train_heads(cfg))
+            return cls(**values, clients_train_heads=clients_train_heads(cfg))
         values["lr"] = round_lr(cfg, server_round, num_rounds)
-        return cls(**values, prox_mu=prox_mu, class_counts=class_counts, train_heads=clients_train_heads(cfg))
+        return cls(**values, prox_mu=prox_mu, class_counts=class_counts, clients_train_heads=clients_train_heads(cfg))
 
 
 def label_counts(ds, num_classes: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSetti
     # weight decay (and FedProx's term) though the client never trains it.
     # Local cross-entropy on a client's skewed labels would pull closed-form heads
     # towards its own classes; the server refits them instead.
-    mine = set(sent_up_to(trainable_names(model), depth, fitted_heads=not s.train_heads))
+    mine = set(sent_up_to(trainable_names(model), depth, s.clients_train_heads))
     opt, params = local_optimizer(model, mine, s)
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()

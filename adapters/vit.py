@@ -34,10 +34,10 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, proj_bias: bool):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool):
         super().__init__()
-        self.num_heads = heads
-        self.head_dim = dim // heads
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
@@ -60,10 +60,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int, eps: float, qkv_bias: bool, proj_bias: bool):
+    def __init__(self, dim: int, num_heads: int, hidden: int, eps: float, qkv_bias: bool, proj_bias: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, qkv_bias, proj_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden)
 

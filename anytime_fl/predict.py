@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.run_files import WEIGHTS as WEIGHTS_NAME
+
 AUDIO_SUFFIXES = (".wav", ".flac")
-WEIGHTS_NAME = "adapters.safetensors"
 
 
 class PredictError(ValueError):

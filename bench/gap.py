@@ -62,8 +62,8 @@ def central(cfg: dict, nodes: int, passes: int) -> dict:
     depth = max(parse_tiers(cfg))
     # the clients' settings, the epochs standing in for rounds in the learning-rate schedule
     s = TrainSettings.from_config(cfg, server_round=1, num_rounds=passes)
-    fitted = not clients_train_heads(cfg)
-    opt, _ = local_optimizer(model, {n for n, _ in model.trainable_named_parameters() if sent_by_clients(n, fitted)}, s)
+    trained = {n for n, _ in model.trainable_named_parameters() if sent_by_clients(n, clients_train_heads(cfg))}
+    opt, _ = local_optimizer(model, trained, s)
     prior = None
     if cfg["logit-adjust"] > 0:
         prior = logit_prior(sum(label_counts(tr, model.num_classes) for tr, _ in parts), cfg["logit-adjust"])

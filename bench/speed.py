@@ -141,7 +141,7 @@ def worker(job: dict) -> dict:
         weight_decay=1e-4,
         autocast="bf16" if bf16 else "none",
         block_grad=job["variant"] != "grad-stop",
-        train_heads=clients_train_heads(cfg),
+        clients_train_heads=clients_train_heads(cfg),
     )
     rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
     if cuda:
@@ -202,7 +202,7 @@ def _trained_params(model, job: dict, cfg: dict) -> int:
     from core.naming import sent_up_to
 
     named = dict(model.trainable_named_parameters())
-    trained = sent_up_to(trainable_names(model), job["depth"], not clients_train_heads(cfg))
+    trained = sent_up_to(trainable_names(model), job["depth"], clients_train_heads(cfg))
     return int(sum(named[n].numel() for n in trained))
 
 

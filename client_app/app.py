@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
 
     new = get_state(model, depth)
     # closed-form heads are the server's: their deltas are zero and stay home
-    delta = {k: new[k] - received[k] for k in sent_up_to(new, depth, not clients_train_heads(cfg))}
+    delta = {k: new[k] - received[k] for k in sent_up_to(new, depth, clients_train_heads(cfg))}
     if pid in parse_attackers(cfg):
         # Robustness benchmarks (attack-partitions): noise instead of the update.
         delta = attack_noise(cfg, pid, server_round, delta)

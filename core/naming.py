@@ -25,15 +25,16 @@ def names_up_to(names, depth: int) -> list[str]:
     return [n for n in names if param_block(n) <= depth]
 
 
-def sent_by_clients(name: str, fitted_heads: bool) -> bool:
-    """Whether clients train, and so send, a parameter: not the exit heads when the
-    server fits them in closed form (`heads = "ridge"`)."""
-    return not (fitted_heads and name.startswith("heads."))
+def sent_by_clients(name: str, clients_train_heads: bool) -> bool:
+    """Whether clients train, and so send, a parameter: the exit heads only when
+    `clients_train_heads` (core.config.clients_train_heads: not with `heads = "ridge"`,
+    whose heads the server fits in closed form)."""
+    return clients_train_heads or not name.startswith("heads.")
 
 
-def sent_up_to(names, depth: int, fitted_heads: bool) -> list[str]:
+def sent_up_to(names, depth: int, clients_train_heads: bool) -> list[str]:
     """What a client that runs blocks 1..depth trains and sends."""
-    return [n for n in names_up_to(names, depth) if sent_by_clients(n, fitted_heads)]
+    return [n for n in names_up_to(names, depth) if sent_by_clients(n, clients_train_heads)]
 
 
 def up_to_depth(arrays: dict, depth: int | None) -> dict:

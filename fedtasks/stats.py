@@ -16,7 +16,6 @@ import numpy as np
 from .base import DATA_KEYS
 from .task import get_task, partition_stats
 
-FILE = "partition-stats.json"
 _COUNTS = ("partition-id", "examples", "classes", "label-counts")  # the other keys: a natural id
 
 

@@ -22,5 +22,7 @@ constraints=$(mktemp)
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 "$PY" -m pip install --quiet -c "$constraints" -e ".[test]"
 rm -f "$constraints"
+# Our top-level import names (core, adapters, runtime, ...) must be ours alone in this environment.
+"$PY" -m anytime_fl.names
 # timm goes through the project's import guard (PyPI's torchvision is CUDA-linked).
 "$PY" -c "import torch, flwr; from adapters.compat import import_timm; timm = import_timm(); print(f'anytime-fl installed: torch {torch.__version__}, flwr {flwr.__version__}, timm {timm.__version__}')"

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-NAME = "checkpoint.npz"
+from core.run_files import CHECKPOINT as NAME
+
 FORMAT = 2  # 1 held a pickled RNG state; such files are refused, not read
 
 

@@ -38,6 +38,7 @@ from flwr.common.logger import log
 
 from core.records import metrics_or_empty
 
+from . import checkpoint
 from .pull import SuperLinkSilent, pull_reply, watched
 
 POLL_S = 3.0
@@ -232,15 +233,10 @@ class Exchange:
 
 def resume_hint(run_dir: Path) -> str:
     """How to go on from the run's last checkpoint, in one sentence."""
-    path = Path(run_dir) / "checkpoint.npz"
-    if not path.is_file():
+    saved = checkpoint.load(run_dir)
+    if saved is None:
         return f"No round was finished, so there is nothing to resume: start the run again (outputs in {run_dir})"
-    import json
-
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as z:
-        done = json.loads(bytes(z["meta"]).decode())["round"]
+    done = saved["round"]
     return (
         f"Rounds 1-{done} are checkpointed in {run_dir}; once the SuperLink is back, continue with: "
         f"flwr run . <federation> --run-config \"resume=true output-dir='{run_dir.parent}' run-name='{run_dir.name}'\""

@@ -18,10 +18,9 @@ from torch.utils.data import DataLoader
 from adapters.anytime import anytime_report
 from adapters.model import AnytimeViT
 from adapters.state import set_state
+from core.run_files import ANYTIME
 
 from .personalization import personalization_round
-
-ANYTIME = "anytime.json"
 
 
 def write_anytime(run_dir: Path, model: AnytimeViT, test_set, arrays: dict[str, np.ndarray], batch_size: int) -> dict:

@@ -39,11 +39,10 @@ from adapters.head_fit import (
 from core.config import clients_train_heads
 from core.naming import sent_up_to, up_to_depth
 from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
+from core.run_files import HEAD_FIT as FILE
 
 from . import head_guard
 from .nothing_accepted import nothing_accepted
-
-FILE = "head_fit.json"
 
 
 def due(cfg: dict, server_round: int) -> bool:

@@ -16,8 +16,8 @@ import socket
 from pathlib import Path
 
 from core.config import ConfigError
+from core.run_files import LOCK as NAME
 
-NAME = ".lock"
 _held: list[int] = []  # file descriptors of the locks this process holds
 
 

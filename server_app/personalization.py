@@ -18,10 +18,9 @@ from flwr.serverapp import Grid
 
 from core.naming import up_to_depth
 from core.records import metrics_or_empty, to_record
+from core.run_files import PERSONALIZATION as FILE
 
 from . import head_fit
-
-FILE = "personalization.json"
 
 
 def request(

@@ -21,10 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from core.run_files import ANYTIME, PERSONALIZATION
 from server_app.results import RESULTS, read_rows
-
-ANYTIME = "anytime.json"
-PERSONALIZATION = "personalization.json"
 
 
 def _pyplot():

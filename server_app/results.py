@@ -13,11 +13,9 @@ import numpy as np
 from flwr.common.logger import log
 from safetensors.numpy import save_file
 
+from core.run_files import PARTITION_STATS, RESULTS, WEIGHTS
+from core.run_files import RESULTS_CSV as CSV
 from fedtasks import stats
-
-RESULTS = "results.jsonl"
-CSV = "results.csv"
-WEIGHTS = "adapters.safetensors"
 
 
 def flatten(row: dict, prefix: str = "") -> dict:
@@ -140,7 +138,7 @@ def write_partition_stats(
         log(INFO, "No nodes connected yet: partition statistics not written")
         return None
     doc = doc or stats.document(cfg, num_partitions)
-    path = stats.write_json(doc, Path(run_dir) / stats.FILE)
+    path = stats.write_json(doc, Path(run_dir) / PARTITION_STATS)
     e, c = doc["summary"]["examples-per-partition"], doc["summary"]["classes-per-partition"]
     log(
         INFO,

@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 from core.config import ConfigError
+from core.run_files import CONFIG
 
 from . import checkpoint, drift, lock, results
-
-CONFIG = "config.json"
 
 
 def open_run_dir(cfg: dict) -> tuple[Path, dict | None]:

@@ -62,8 +62,9 @@ class DepthAwareFedAvg(FedAvg):
         server_lr: step size on the combined delta; 0 or None = the class's
             `default_server_lr` (1 for the averaging rules).
         tier_names: depth -> tier name, for the per-tier counts in logs and results.
-        fitted_heads: the server fits the exit heads (`heads = "ridge"`): clients
-            leave `heads.*` out of their updates, dense or sparse.
+        clients_train_heads: whether clients train and send the exit heads
+            (`core.config.clients_train_heads`); when not (`heads = "ridge"`)
+            they leave `heads.*` out of their updates, dense or sparse.
         **kwargs: passed on to Flower's `FedAvg` (e.g. `arrayrecord_key`).
     """
 
@@ -78,7 +79,7 @@ class DepthAwareFedAvg(FedAvg):
         min_nodes: int = 2,
         server_lr: float | None = None,
         tier_names: dict[int, str] | None = None,
-        fitted_heads: bool = False,
+        clients_train_heads: bool = True,
         **kwargs,
     ):
         super().__init__(
@@ -92,7 +93,7 @@ class DepthAwareFedAvg(FedAvg):
         )
         self.server_lr = float(server_lr) if server_lr else self.default_server_lr
         self.tier_names = dict(tier_names or {})
-        self.fitted_heads = fitted_heads
+        self.clients_train_heads = clients_train_heads
         self.global_arrays: dict[str, np.ndarray] = {}
         self.node_depth: dict[int, int] = {}  # learnt from replies; trims the downlink
         self.sent: list[Message] = []  # the last messages sent, see `sender`
@@ -111,7 +112,7 @@ class DepthAwareFedAvg(FedAvg):
             "min_nodes": cfg["min-nodes"],
             "server_lr": cfg["server-lr"],
             "tier_names": dict(zip(depths, names)),
-            "fitted_heads": not clients_train_heads(cfg),
+            "clients_train_heads": clients_train_heads(cfg),
         }
 
     @classmethod
@@ -226,7 +227,7 @@ class DepthAwareFedAvg(FedAvg):
             raise ValueError(f"unreadable arrays: {err}") from err
         shapes = {k: v.shape for k, v in self.global_arrays.items()}
         # A sparse update covers exactly what the client trains of blocks 1..depth.
-        layout = sent_up_to(shapes, depth, self.fitted_heads) if is_packed(payload) else None
+        layout = sent_up_to(shapes, depth, self.clients_train_heads) if is_packed(payload) else None
         try:
             deltas = decode(payload, shapes, layout)
         except CodecError as err:

@@ -103,7 +103,7 @@ class FlowerGroups(DepthAwareFedAvg):
     def groups(self) -> dict[str, list[str]]:
         """Group label -> the parameter names it holds, in block order."""
         out: dict[str, list[str]] = {}
-        sent = [n for n in self.global_arrays if sent_by_clients(n, self.fitted_heads)]
+        sent = [n for n in self.global_arrays if sent_by_clients(n, self.clients_train_heads)]
         for name in sorted(sent, key=lambda n: (param_block(n), n)):
             out.setdefault(self.group_of(param_block(name)), []).append(name)
         return out
@@ -265,8 +265,8 @@ class FlowerGroups(DepthAwareFedAvg):
 def _heap_frozen():
     """Flower's QFedAvg and Bulyan run a full gc.collect() for every reply they read
     (`ArrayRecord.to_numpy_ndarrays(keep_input=False)`): in a server that has imported
-    torch each one walks every object of the process (0.1-0.3 s). Frozen, the objects
-    that existed before aggregation are left out, so a collection scans only its own."""
+    torch each one walks every object of the process. Frozen, the objects that existed
+    before aggregation are left out, so a collection scans only its own."""
     gc.freeze()
     try:
         yield

@@ -131,7 +131,7 @@ def test_sparse_updates_are_decoded_before_the_inner_strategy_sees_them():
         assert not np.array_equal(got[k], GLOBAL[k]) or BLOCK[k] > 3
 
 
-def test_fitted_heads_are_in_no_group_and_keep_their_value(caplog):
+def test_closed_form_heads_are_in_no_group_and_keep_their_value(caplog):
     # heads = "ridge": clients send no head deltas, so the groups hold the adapters only
     s = _build("flwr:FedAvg", heads="ridge")
     s.global_arrays = dict(GLOBAL)

@@ -8,8 +8,8 @@ import pytest
 
 from anytime_fl.cli import main as cli
 from core.config import parse_run_config, validate
+from core.run_files import PARTITION_STATS as FILE
 from fedtasks.registry import TASKS
-from fedtasks.stats import FILE
 from server_app.results import write_partition_stats
 from tests.task_fixtures import cfg, hf_cache, make_femnist_parquet  # noqa: F401 - fixture
 

@@ -23,7 +23,7 @@ GLOBAL = {
 }
 BLOCK = {"adapters.0.w": 1, "heads.0.w": 1, "adapters.1.w": 2, "heads.2.w": 3}
 # The clients here send their heads' deltas, as they do when they train the heads
-# (with closed-form heads they leave them out: test_fitted_heads_*).
+# (with closed-form heads they leave them out: test_closed_form_heads_*).
 BASE = {"tiers": "1,2,3", "heads": "trained"}
 
 # (node, depth, num-examples, seed) of round 1: every tier takes part.
@@ -209,7 +209,7 @@ def test_sparse_updates_are_decoded_from_the_senders_depth():
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedadam", "median"])
-def test_fitted_heads_stay_out_of_updates_and_keep_their_value(name):
+def test_closed_form_heads_stay_out_of_updates_and_keep_their_value(name):
     # heads = "ridge": clients send their adapters only, dense or packed; the server's heads stay put
     adapters = lambda d, seed: {k: v for k, v in _deltas(d, seed).items() if not k.startswith("heads.")}  # noqa: E731
     dense = [reply(adapters(d, seed), n, d, node) for node, d, n, seed in ROUND1]
