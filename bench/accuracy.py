@@ -1,6 +1,7 @@
 """Accuracy and bytes sent: our tiered adapters vs full fine-tuning vs head-only, same federation.
 
-The default task (offline digits, shipped Fashion-MNIST backbone), the same
+The run config's default task (`chars` now; the figures in bench/README.md are the
+digits task's, the default then), shipped Fashion-MNIST backbone, the same
 partitions, rounds, sampled clients, local epochs, batch size and
 data order for every method:
 

@@ -1,6 +1,7 @@
 """Head to head with the heterogeneous-device peers: same clients, rounds, data order and tiers.
 
-The default task (offline digits, shipped ViT-micro), N clients spread
+The run config's task (the default `chars` now; the figures in docs/benchmarks.md
+section 3 are the digits task's, `--run-config "task='digits'"`), N clients spread
 over tiers 3/6/9/12 (partition-id modulo tiers, as the run config's
 'even' assignment does), the same clients sampled each round
 (DepthAwareFedAvg's draw), the same per-client, per-round data order:
