@@ -210,3 +210,20 @@ def test_heads_levers_fits_tiers_and_reads_the_exit_ensemble(tmp_path):
     )
     patch = json.loads((tmp_path / "p.json").read_text())["rows"][0]["test"]
     assert patch[0] > full[0] + 0.05
+
+
+def test_headroom_places_the_probe_and_central_full_finetuning_on_the_same_images(tmp_path):
+    import headroom
+
+    out = tmp_path / "headroom.json"
+    argv = ["--run-config", "task='digits'", "--nodes", "4", "--passes", "1", "--lrs", "1e-3,3e-3", "--out", str(out)]
+    assert headroom.main(argv) == 0
+    report = json.loads(out.read_text())
+    probe, full = report["probe"], report["full"]
+    assert len(probe["accuracy"]) == 12 and all(0 <= a <= 1 for a in probe["accuracy"])
+    assert report["task"]["train"] > 0 and report["task"]["test"] == 359
+    # the rate is the one with the best validation accuracy, and only its test accuracy is reported
+    runs = report["full-runs"]
+    assert [r["lr"] for r in runs] == [1e-3, 3e-3] and all("accuracy" not in r for r in runs)
+    assert full["val-accuracy"] == max(r["val-accuracy"] for r in runs)
+    assert report["gap-points"] == round(100 * (full["accuracy"] - sum(probe["accuracy"]) / 12), 1)
