@@ -58,7 +58,8 @@ PY
 
 # The local SuperLink outlives a run and keeps the federation size it was
 # given first, so the size is passed on every run.
-started=$(flwr run . --format json --federation-config "num-supernodes=${NUM_SUPERNODES:-20}" \
+# One CPU per simulated client (Flower's default is 2): two clients train at once on two cores.
+started=$(flwr run . --format json --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1" \
     --run-config "$merged" "${rest[@]+"${rest[@]}"}") || { echo "$started" >&2; exit 1; }
 run_id=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.stdin.read())["run-id"])' <<<"$started" 2>/dev/null) \
     || { echo "simulate.sh: flwr run did not start a run: $started" >&2; exit 1; }
