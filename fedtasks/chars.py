@@ -128,12 +128,9 @@ class CharsTask(Task):
             return render_typefaces(TYPEFACES, TRAIN_RENDERS, _TRAIN_SEED)
         return render_typefaces(TYPEFACES, TEST_RENDERS, _TEST_SEED)
 
-    def partitioner(self, cfg, num_partitions):
-        return OneIdPerPartition("typeface", num_partitions, cfg["seed"], what="typeface")
-
     def partition(self, cfg, partition_id, num_partitions):
-        # A client renders only its own typeface (0.3 s) instead of all 22 and
-        # a partitioner over them; the draw is the partitioner's own.
+        # Overrides Task.partition (and so its partitioner): a client renders only
+        # its own typeface (0.3 s) instead of all 22; client_typefaces draws them.
         if num_partitions > len(TYPEFACES):
             # a ValueError, as a partitioner's own complaint: callers name their key (--num-partitions, nodes)
             raise ValueError(
@@ -142,9 +139,6 @@ class CharsTask(Task):
             )
         face = client_typefaces(cfg["seed"], num_partitions)[partition_id]
         return render_typefaces([face], TRAIN_RENDERS, _TRAIN_SEED)
-
-    def _train_size(self, cfg) -> int:
-        return len(TYPEFACES) * len(CLASSES) * TRAIN_RENDERS
 
     def to_arrays(self, ds):
         return np.asarray(column(ds, "image"), dtype=np.float32), column(ds, "label").astype(np.int64)
