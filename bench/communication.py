@@ -119,8 +119,9 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
             {"method": f"ours, depth {depth} (dense)", "depth": depth, "params": n, "up": encoded(d, 1.0), "down": down}
         )
         if cfg["heads"] != "trained":
-            k, width = plan(get_state(model), cfg)
-            fit = fitting_features(get_state(model), cfg)
+            state = get_state(model)
+            k, width = plan(state, cfg)
+            fit = fitting_features(state, cfg)
             for label, dim, dtype in (
                 ("", k, np.float32),
                 (f", head-features={fit} (fits one dense update)", fit, np.float32),
