@@ -39,6 +39,7 @@ APP_FAILED = "ServerApp failed with exception"
 # An app failure that is the SuperLink's, not the app's (server_app.exchange.SuperLinkUnavailable).
 SUPERLINK_FAILED = ("the SuperLink failed", "no answer from the SuperLink")
 NO_CHECKPOINT = "no checkpoint to resume from"
+LOG_TAIL_S = 10.0
 
 
 def _parse(argv):
@@ -138,8 +139,15 @@ class Supervisor:
             while True:
                 state = self._until_reachable(f"run {run_id}", lambda: self.status(run_id))
                 if state is None or state[0].startswith("finished"):
-                    return state
+                    break
                 time.sleep(self.args.poll)
+            # `flwr log --stream` ends by itself once the run has ended: let it print the run's last
+            # lines rather than cut them off (and stop it below only if it does not).
+            try:
+                stream.wait(timeout=LOG_TAIL_S if state is not None else 0)
+            except subprocess.TimeoutExpired:
+                pass
+            return state
         finally:
             if stream.poll() is None:
                 stream.terminate()
