@@ -71,7 +71,7 @@ def _early_exit(model: AnytimeViT, x: torch.Tensor, threshold: float, depth: int
     # Same steps as AnytimeViT.forward (tests check they agree), on a
     # shrinking batch.
     for i in range(depth):
-        tokens = model.backbone.blocks[i](tokens)
+        tokens = model.block(i, tokens)
         cls = tokens[:, 0]
         history.append(cls)
         summary, new_cls = model.adapter_for(i)(torch.stack(history, dim=1))

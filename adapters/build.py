@@ -72,6 +72,7 @@ def with_adapters(backbone, num_classes: int, cfg: dict[str, Any]) -> AnytimeViT
         shared_adapter=cfg["shared-adapter"],
         ensemble=cfg["exit-ensemble"],
         patch_mean=cfg["exit-patch-mean"],
+        token_width=cfg["token-adapter-width"],
     )
 
 

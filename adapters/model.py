@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .accumulator import AccumulatorAdapter, ExitHead
+from .token_adapter import TokenAdapter
 
 
 class AnytimeViT(nn.Module):
@@ -27,6 +28,8 @@ class AnytimeViT(nn.Module):
             of head k's alone (`exit-ensemble`).
         patch_mean: each exit head also reads its block's mean patch token
             (`exit-patch-mean`).
+        token_width: bottleneck width of a token adapter after every block
+            (`token-adapter-width`); 0 = none (the paper's accumulator alone).
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class AnytimeViT(nn.Module):
         shared_adapter: bool = False,
         ensemble: bool = False,
         patch_mean: bool = False,
+        token_width: int = 0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -52,6 +56,9 @@ class AnytimeViT(nn.Module):
         else:
             self.adapters = nn.ModuleList(make() for _ in range(self.num_blocks))
         self.heads = nn.ModuleList(ExitHead(dim, num_classes, patch_mean) for _ in range(self.num_blocks))
+        self.token_adapters = (
+            nn.ModuleList(TokenAdapter(dim, token_width) for _ in range(self.num_blocks)) if token_width else None
+        )
         self.patch_mean = patch_mean
         # the tokens in front of the patches (CLS, and a distillation token in some timm ViTs)
         self.prefix = getattr(backbone, "num_prefix_tokens", 1)
@@ -66,6 +73,16 @@ class AnytimeViT(nn.Module):
 
     def adapter_for(self, block: int) -> AccumulatorAdapter:
         return self.adapter if self.shared else self.adapters[block]
+
+    def block(self, i: int, tokens: torch.Tensor, grad: bool = True) -> torch.Tensor:
+        """Frozen block i (0-based), then its token adapter when there is one.
+
+        grad=False runs the block without building a graph; the token adapter
+        after it still trains (it feeds exit i directly).
+        """
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            tokens = self.backbone.blocks[i](tokens)
+        return tokens if self.token_adapters is None else self.token_adapters[i](tokens)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
@@ -91,8 +108,7 @@ class AnytimeViT(nn.Module):
         logits = []
         z = None
         for i in range(depth):
-            with torch.set_grad_enabled(block_grad and torch.is_grad_enabled()):
-                tokens = self.backbone.blocks[i](tokens)
+            tokens = self.block(i, tokens, block_grad)
             cls = tokens[:, 0]
             history.append(cls)
             summary, new_cls = self.adapter_for(i)(torch.stack(history, dim=1))

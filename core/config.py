@@ -454,6 +454,14 @@ KEYS: tuple[Key, ...] = (
         Key("adapter-mlp-ratio", 2.0, "MLP hidden size of the adapter as a multiple of its width.", _positive),
         Key("shared-adapter", False, "One adapter shared by all blocks instead of one per block."),
         Key(
+            "token-adapter-width",
+            0,
+            "Bottleneck width of a token adapter after every block (a residual MLP on every token, which "
+            "changes the patch features the accumulator cannot reach); 0 = none (the paper). See "
+            "docs/benchmarks.md.",
+            _non_negative,
+        ),
+        Key(
             "exit-ensemble",
             True,
             "Exit k predicts the mean of the logits of heads 1..k (no extra cost: every head runs on the way); "
@@ -530,7 +538,7 @@ _BY_NAME = {k.name: k for k in KEYS}
 
 # What a run saved before a model key existed was trained with: how predict
 # rebuilds its weights and what a resume compares against.
-BEFORE_KEY: dict[str, Any] = {"exit-ensemble": False, "exit-patch-mean": False}
+BEFORE_KEY: dict[str, Any] = {"exit-ensemble": False, "exit-patch-mean": False, "token-adapter-width": 0}
 
 
 def clients_train_heads(cfg: dict[str, Any]) -> bool:

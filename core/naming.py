@@ -2,18 +2,20 @@
 
 Pure Python (no torch) so the server and the strategies can reason about
 which parameters a client of depth d trains without building a model.
-Per-block parameters are named `adapters.<i>.*` and `heads.<i>.*` with i
-counted from 0 for block 1; the shared adapter is `adapter.*` and belongs to
+Per-block parameters are named `adapters.<i>.*`, `token_adapters.<i>.*` and
+`heads.<i>.*` with i counted from 0 for block 1; the shared adapter is `adapter.*` and belongs to
 every depth.
 """
 
 from __future__ import annotations
 
+PER_BLOCK = ("adapters", "token_adapters", "heads")
+
 
 def param_block(name: str) -> int:
     """1-based block a trainable parameter belongs to; 0 for shared ones."""
     parts = name.split(".")
-    if parts[0] in ("adapters", "heads") and len(parts) > 1 and parts[1].isdigit():
+    if parts[0] in PER_BLOCK and len(parts) > 1 and parts[1].isdigit():
         return int(parts[1]) + 1
     if parts[0] == "adapter":
         return 0
