@@ -151,7 +151,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
     log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)
     # anytime.json, personalisation round (personalization.json), PNG plots
-    finish_run(grid, cfg, model, test_set, arrays, run_dir, strategy.node_depth)
+    finish_run(grid, cfg, model, test_set, arrays, run_dir, send, strategy.node_depth)
     return run_dir
 
 

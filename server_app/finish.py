@@ -75,9 +75,10 @@ def finish_run(
     test_set,
     arrays: dict[str, np.ndarray],
     run_dir: Path,
+    send,
     node_depth: dict[int, int] | None = None,
 ) -> None:
     write_anytime(run_dir, model, test_set, arrays, cfg["eval-batch-size"])
     if cfg["personalize-epochs"] > 0:
-        personalization_round(grid, arrays, cfg, run_dir, cfg["num-server-rounds"] + 1, node_depth)
+        personalization_round(grid, send, arrays, cfg, run_dir, cfg["num-server-rounds"] + 1, node_depth)
     draw_plots(run_dir)

@@ -21,7 +21,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.common.logger import log
 
 from adapters.head_fit import (
@@ -37,8 +37,9 @@ from adapters.head_fit import (
     stat_name,
 )
 from core.config import clients_train_heads
-from core.naming import sent_up_to, up_to_depth
-from core.records import arrays_of, metrics_or_empty, to_numpy, to_record
+from core.messages import by_depth, reply_node
+from core.naming import sent_up_to
+from core.records import arrays_of, metrics_or_empty, to_numpy
 from core.run_files import HEAD_FIT as FILE
 
 from . import head_guard
@@ -86,18 +87,10 @@ def fit_heads(
     A node whose depth the rounds taught (`node_depth`) receives the arrays of its blocks only.
     """
     t0 = time.time()
-    node_depth = node_depth or {}
     k, width = plan(arrays, cfg)
     proj = projection(width, k, cfg["seed"])
     config = ConfigRecord({"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"]})
-    records: dict[int | None, ArrayRecord] = {}  # converted once per depth, not once per node
-    messages = []
-    for node in grid.get_node_ids():
-        depth = node_depth.get(node)
-        if depth not in records:
-            records[depth] = to_record(up_to_depth(arrays, depth))
-        content = RecordDict({"arrays": records[depth], "config": config})
-        messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
+    messages = by_depth(arrays, grid.get_node_ids(), node_depth, config, MessageType.QUERY)
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
     replies = send(messages, label)
     bounds = [feature_bound(arrays, i) for i in range(_num_exits(arrays))]
@@ -107,7 +100,7 @@ def fit_heads(
     up, down = 0, 0
     reasons: list[str] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = reply_node(reply, messages)
         try:
             stats, depth, n, metrics = _check(reply, shapes, k + 1, bounds)
         except ValueError as err:

@@ -12,12 +12,12 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from core.naming import up_to_depth
-from core.records import metrics_or_empty, to_record
+from core.messages import by_depth, reply_node
+from core.records import metrics_or_empty
 from core.run_files import PERSONALIZATION as FILE
 
 from . import head_fit
@@ -25,30 +25,23 @@ from . import head_fit
 
 def request(
     grid: Grid,
+    send,
     arrays: dict[str, np.ndarray],
-    cfg: dict,
     server_round: int,
     node_depth: dict[int, int] | None = None,
     label_counts: list[int] | None = None,
 ) -> list[tuple[int, Message]]:
-    """Send the final global adapters to all nodes with config personalize=true; (node, reply) pairs.
+    """Send the final global adapters to all nodes with config personalize=true through `send`
+    (server_app.exchange.Exchange: its retries, patience and progress lines); (node, reply) pairs.
 
     A node whose depth the rounds taught gets the arrays of its blocks only; another gets all.
     """
-    node_depth = node_depth or {}
     config = {"personalize": True, "server-round": server_round}
     if label_counts:
         config["label-counts"] = [int(c) for c in label_counts]
-    config = ConfigRecord(config)
-    messages = []
-    for node in grid.get_node_ids():
-        sent = up_to_depth(arrays, node_depth.get(node))
-        content = RecordDict({"arrays": to_record(sent), "config": config})
-        messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
-    replies = list(grid.send_and_receive(messages, timeout=cfg["round-timeout"]))
-    # A reply the SuperLink writes for a dead node comes from the SuperLink: name the node it was sent to.
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-    return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+    messages = by_depth(arrays, grid.get_node_ids(), node_depth, ConfigRecord(config), MessageType.EVALUATE)
+    replies = send(messages, "personalisation")
+    return [(reply_node(r, messages), r) for r in replies]
 
 
 def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
@@ -109,6 +102,7 @@ def summarize(replies: list[tuple[int, Message]], cfg: dict) -> dict:
 
 def personalization_round(
     grid: Grid,
+    send,
     arrays: dict[str, np.ndarray],
     cfg: dict,
     run_dir: Path,
@@ -116,7 +110,7 @@ def personalization_round(
     node_depth: dict[int, int] | None = None,
 ) -> dict:
     counts = head_fit.label_counts(run_dir) if cfg["heads"] != "trained" else None
-    summary = summarize(request(grid, arrays, cfg, server_round, node_depth, counts), cfg)
+    summary = summarize(request(grid, send, arrays, server_round, node_depth, counts), cfg)
     (Path(run_dir) / FILE).write_text(json.dumps(summary, indent=2))
     gains = " ".join(f"{e['gain-mean']:+.3f}" for e in summary["exits"])
     log(

@@ -34,7 +34,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from core.codec import CodecError, decode, is_packed, payload_bytes
 from core.config import clients_train_heads, parse_tier_names, parse_tiers
-from core.naming import param_block, sent_up_to, up_to_depth
+from core.messages import by_depth, reply_node
+from core.naming import param_block, sent_up_to
 from core.records import arrays_of, metrics_of, metrics_or_empty, to_numpy, to_record
 
 WEIGHT_KEY = "num-examples"
@@ -158,25 +159,21 @@ class DepthAwareFedAvg(FedAvg):
 
     # -- Flower Strategy API --------------------------------------------------
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids, message_type) -> list[Message]:
-        full = to_numpy(arrays)
-        out = []
-        for node in node_ids:
-            sent = up_to_depth(full, self.node_depth.get(node))
-            record = RecordDict({self.arrayrecord_key: to_record(sent), self.configrecord_key: config})
-            out.append(Message(content=record, message_type=message_type, dst_node_id=node))
-        # Kept to name the node behind an error reply: the grid stamps each
-        # message's id on push, and a reply the SuperLink makes for a dead
-        # node comes from the SuperLink, not from that node.
-        self.sent = out
-        return out
+        # Kept to name the node behind an error reply (core.messages.reply_node).
+        self.sent = by_depth(
+            to_numpy(arrays),
+            node_ids,
+            self.node_depth,
+            config,
+            message_type,
+            arrays_key=self.arrayrecord_key,
+            config_key=self.configrecord_key,
+        )
+        return self.sent
 
     def sender(self, reply: Message) -> int:
         """The node a reply answers for, also when the SuperLink wrote it."""
-        if reply.has_error():
-            for msg in self.sent:
-                if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
-                    return msg.metadata.dst_node_id
-        return reply.metadata.src_node_id
+        return reply_node(reply, self.sent)
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         n = int(len(list(grid.get_node_ids())) * fraction)

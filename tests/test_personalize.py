@@ -164,7 +164,7 @@ def test_personalisation_sends_a_node_the_arrays_of_its_depth_and_names_a_dead_o
             return [Message(Error(code=0, reason="node gone"), reply_to=self.sent[1])]
 
     grid = Grid()
-    replies = request(grid, arrays, validate({}), 2, node_depth={1: 1, 2: 2})
+    replies = request(grid, lambda msgs, _label: grid.send_and_receive(msgs, 1), arrays, 2, node_depth={1: 1, 2: 2})
     assert [len(m.content.array_records["arrays"]) for m in grid.sent] == [1, 2, 3]
     with caplog.at_level(logging.WARNING, logger="flwr"):
         assert summarize(replies, validate({}))["failed"] == 1
