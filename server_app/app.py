@@ -86,7 +86,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         np.random.seed(cfg["seed"])
 
     evaluator = ServerEvaluator(model, test_set, cfg["eval-batch-size"])
-    sizes = model_sizes(model, arrays)
+    sizes = results.model_sizes(model, arrays)
     log(
         INFO,
         "anytime-fl: %s, %d blocks, exits at every block, tiers %s; %d adapter/head parameters (%.1f%% of the model)",
@@ -118,10 +118,10 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         )
         replies = in_partition_order(replies)
         new_record, train_metrics = strategy.aggregate_train(server_round, replies)
-        stats = dict(strategy.last_round)
-        if not stats.get("clients"):
+        stats = strategy.round_stats
+        if not stats.clients:
             label = f"round {server_round} train"
-            raise nothing_accepted(label, len(replies), stats.get("dropped-reasons", []), cfg["round-timeout"])
+            raise nothing_accepted(label, len(replies), stats.dropped_reasons, cfg["round-timeout"])
         if new_record is not None:
             arrays = to_numpy(new_record)
         refit = None
@@ -137,12 +137,21 @@ def run(grid: Grid, user_cfg: dict) -> Path:
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, list(eval_replies))
         server_eval = evaluator(arrays)
-        row = round_row(server_round, time.time() - t0, server_eval, stats, train_metrics, eval_metrics, replies, sizes)
+        row = results.round_row(
+            server_round,
+            seconds=time.time() - t0,
+            server_eval=server_eval,
+            stats=stats,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            replies=replies,
+            sizes=sizes,
+            head_fit_bytes_up=refit["bytes-up"] if refit is not None else 0,
+        )
         row["duplicate-partition-ids"] = duplicate_partitions(replies)
-        row["head-fit-bytes-up"] = refit["bytes-up"] if refit is not None else 0
         warn_duplicates(f"round {server_round}", row["duplicate-partition-ids"])
         results.append_row(run_dir, row)
-        log(INFO, format_round(row, num_rounds))
+        log(INFO, results.format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
             # The round's row goes in too: a crash that cuts its line in results.jsonl loses nothing.
             extra = {"run-dir": str(run_dir), "config": cfg, "row": row}
@@ -167,61 +176,3 @@ def in_partition_order(replies) -> list:
         return (1, 0)
 
     return sorted(replies, key=key)
-
-
-def model_sizes(model, arrays) -> dict:
-    adapter = int(sum(a.size for a in arrays.values()))
-    backbone = int(sum(p.numel() for p in model.backbone.parameters()))
-    return {
-        "adapter-params": adapter,
-        "adapter-fraction": adapter / (adapter + backbone),
-        "dense-adapter-bytes": 4 * adapter,
-        # What one client would send per round if it fine-tuned every weight.
-        "full-finetune-bytes": 4 * (adapter + backbone),
-    }
-
-
-def round_row(server_round, seconds, server_eval, stats, train_metrics, eval_metrics, replies, sizes) -> dict:
-    per_client = []
-    for msg in replies:
-        if msg.has_error():
-            continue
-        m = metrics_or_empty(msg.content)
-        per_client.append(
-            {
-                k: m[k]
-                for k in ("partition-id", "depth", "num-examples", "bytes-up", "bytes-down", "dense-bytes")
-                if k in m
-            }
-        )
-    depth_counts: dict[str, int] = {}
-    for d in stats.get("depths", []):
-        depth_counts[str(d)] = depth_counts.get(str(d), 0) + 1
-    return {
-        "round": server_round,
-        "seconds": round(seconds, 3),
-        "server": server_eval,
-        "clients": stats.get("clients", 0),
-        "dropped": stats.get("dropped", 0),
-        "clients-per-depth": dict(sorted(depth_counts.items(), key=lambda kv: int(kv[0]))),
-        "clients-per-tier": stats.get("clients-per-tier", {}),
-        # What the strategy accepted: a dropped reply's bytes trained nothing.
-        "bytes-up": stats.get("bytes-up", sum(c.get("bytes-up", 0) for c in per_client)),
-        "bytes-down": sum(c.get("bytes-down", 0) for c in per_client),
-        "dense-adapter-bytes": sizes["dense-adapter-bytes"],
-        "full-finetune-bytes": sizes["full-finetune-bytes"],
-        "per-client": per_client,
-        "train": dict(train_metrics) if train_metrics is not None else {},
-        "federated-eval": dict(eval_metrics) if eval_metrics is not None else {},
-    }
-
-
-def format_round(row: dict, num_rounds: int) -> str:
-    accs = " ".join(f"{a:.2f}" for a in row["server"]["accuracy"])
-    tiers = " ".join(f"d{d}:{n}" for d, n in row["clients-per-depth"].items())
-    heads = f" + head statistics up {row['head-fit-bytes-up'] / 1e6:.2f} MB" if row.get("head-fit-bytes-up") else ""
-    return (
-        f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
-        f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
-        f"down {row['bytes-down'] / 1e6:.2f} MB{heads} | {row['seconds']:.1f}s"
-    )

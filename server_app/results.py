@@ -13,9 +13,11 @@ import numpy as np
 from flwr.common.logger import log
 from safetensors.numpy import save_file
 
+from core.records import metrics_or_empty
 from core.run_files import PARTITION_STATS, RESULTS, WEIGHTS
 from core.run_files import RESULTS_CSV as CSV
 from fedtasks import stats
+from strategies.depth_fedavg import RoundStats
 
 
 def flatten(row: dict, prefix: str = "") -> dict:
@@ -155,3 +157,70 @@ def write_partition_stats(
         path,
     )
     return path
+
+
+def model_sizes(model, arrays: dict[str, np.ndarray]) -> dict:
+    """Trainable and backbone sizes, and what one client sends dense or would send fine-tuning everything."""
+    adapter = int(sum(a.size for a in arrays.values()))
+    backbone = int(sum(p.numel() for p in model.backbone.parameters()))
+    return {
+        "adapter-params": adapter,
+        "adapter-fraction": adapter / (adapter + backbone),
+        "dense-adapter-bytes": 4 * adapter,
+        # What one client would send per round if it fine-tuned every weight.
+        "full-finetune-bytes": 4 * (adapter + backbone),
+    }
+
+
+def round_row(
+    server_round: int,
+    *,
+    seconds: float,
+    server_eval: dict,
+    stats: RoundStats,
+    train_metrics,
+    eval_metrics,
+    replies,
+    sizes: dict,
+    head_fit_bytes_up: int = 0,
+) -> dict:
+    """One round's line of results.jsonl: the server's test accuracy, what the strategy
+    accepted (`stats`), each replying client's own figures, and the bytes moved."""
+    per_client = []
+    for msg in replies:
+        if msg.has_error():
+            continue
+        m = metrics_or_empty(msg.content)
+        per_client.append({k: m[k] for k in PER_CLIENT if k in m})
+    return {
+        "round": server_round,
+        "seconds": round(seconds, 3),
+        "server": server_eval,
+        "clients": stats.clients,
+        "dropped": stats.dropped,
+        "clients-per-depth": stats.clients_per_depth(),
+        "clients-per-tier": stats.clients_per_tier,
+        "bytes-up": stats.bytes_up,
+        "bytes-down": sum(c.get("bytes-down", 0) for c in per_client),
+        "dense-adapter-bytes": sizes["dense-adapter-bytes"],
+        "full-finetune-bytes": sizes["full-finetune-bytes"],
+        "per-client": per_client,
+        "train": dict(train_metrics) if train_metrics is not None else {},
+        "federated-eval": dict(eval_metrics) if eval_metrics is not None else {},
+        "head-fit-bytes-up": head_fit_bytes_up,
+    }
+
+
+PER_CLIENT = ("partition-id", "depth", "num-examples", "bytes-up", "bytes-down", "dense-bytes")
+
+
+def format_round(row: dict, num_rounds: int) -> str:
+    """The round's one log line."""
+    accs = " ".join(f"{a:.2f}" for a in row["server"]["accuracy"])
+    tiers = " ".join(f"d{d}:{n}" for d, n in row["clients-per-depth"].items())
+    heads = f" + head statistics up {row['head-fit-bytes-up'] / 1e6:.2f} MB" if row.get("head-fit-bytes-up") else ""
+    return (
+        f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
+        f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
+        f"down {row['bytes-down'] / 1e6:.2f} MB{heads} | {row['seconds']:.1f}s"
+    )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from core.codec import CodecError, decode, is_packed, payload_bytes
+from core.codec import CodecError, decode, is_packed
 from core.config import clients_train_heads, parse_tier_names, parse_tiers
 from core.messages import by_depth, reply_node
 from core.naming import param_block, sent_up_to
@@ -51,6 +51,26 @@ class Update:
     depth: int
     nbytes: int
     content: RecordDict
+
+
+@dataclass
+class RoundStats:
+    """What a strategy accepted in its last training round; the ServerApp's round row reads it."""
+
+    clients: int = 0
+    depths: list[int] = field(default_factory=list)  # of the accepted updates
+    bytes_up: int = 0  # of the accepted updates: a dropped reply's bytes trained nothing
+    clients_per_tier: dict[str, int] = field(default_factory=dict)
+    dropped_reasons: list[str] = field(default_factory=list)
+    dropped_nodes: list[int] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_reasons)
+
+    def clients_per_depth(self) -> dict[str, int]:
+        counts = Counter(self.depths)
+        return {str(d): counts[d] for d in sorted(counts)}
 
 
 class DepthAwareFedAvg(FedAvg):
@@ -98,7 +118,7 @@ class DepthAwareFedAvg(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.node_depth: dict[int, int] = {}  # learnt from replies; trims the downlink
         self.sent: list[Message] = []  # the last messages sent, see `sender`
-        self.last_round: dict = {}
+        self.round_stats = RoundStats()
         self.state: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self.slots}
 
     # -- construction from the run config ------------------------------------
@@ -252,15 +272,10 @@ class DepthAwareFedAvg(FedAvg):
             except ValueError as err:
                 dropped.append((node, str(err)))
                 continue
-            nbytes = payload_bytes(to_numpy(arrays_of(msg.content)))
-            good.append(Update(node, deltas, weight, depth, nbytes, msg.content))
+            good.append(Update(node, deltas, weight, depth, arrays_of(msg.content).count_bytes(), msg.content))
         for node, reason in dropped:
             log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node, reason)
-        self.last_round = {
-            "dropped": len(dropped),
-            "dropped-reasons": [r for _, r in dropped],
-            "dropped-nodes": [n for n, _ in dropped],
-        }
+        self.round_stats = RoundStats(dropped_reasons=[r for _, r in dropped], dropped_nodes=[n for n, _ in dropped])
         return good
 
     def tier_label(self, depth: int) -> str:
@@ -273,14 +288,9 @@ class DepthAwareFedAvg(FedAvg):
         per_tier = Counter(self.tier_label(u.depth) for u in updates)
         tiers = {self.tier_label(d): per_tier.get(self.tier_label(d), 0) for d in sorted(self.tier_names)}
         tiers.update(sorted(per_tier.items()))  # depths outside the tiers (node max-depth)
-        self.last_round.update(
-            {
-                "clients": len(updates),
-                "depths": [u.depth for u in updates],
-                "bytes-up": sum(u.nbytes for u in updates),
-                "clients-per-tier": tiers,
-            }
-        )
+        stats = self.round_stats
+        stats.clients, stats.depths, stats.clients_per_tier = len(updates), [u.depth for u in updates], tiers
+        stats.bytes_up = sum(u.nbytes for u in updates)
         log(
             INFO,
             "round %d: %d updates, per tier: %s",

@@ -60,7 +60,7 @@ def test_an_update_beyond_the_clients_depth_is_dropped():
     arrays, _ = s.aggregate_train(1, [bad, good])
     new = to_numpy(arrays)
     np.testing.assert_array_equal(new["adapters.1.w"], GLOBAL["adapters.1.w"])
-    assert s.last_round["dropped"] == 1 and s.last_round["clients"] == 1
+    assert s.round_stats.dropped == 1 and s.round_stats.clients == 1
 
 
 def test_downlink_is_trimmed_to_a_known_node_depth():
@@ -94,7 +94,7 @@ def test_an_error_reply_written_by_the_superlink_names_the_dead_node():
     err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id, as it sends such replies
     ok = reply({"adapters.0.w": np.ones(2, np.float32)}, 10, 1, 31)
     s.aggregate_train(1, [ok, err])
-    assert s.last_round["dropped-nodes"] == [32]
+    assert s.round_stats.dropped_nodes == [32]
 
 
 def test_records_are_read_whatever_their_names_as_flowers_strategies_read_them():
@@ -118,7 +118,7 @@ def test_a_reply_with_two_array_records_is_dropped_naming_them():
     s = _strategy()
     arrays, _ = s.aggregate_train(1, [bad])
     assert arrays is None
-    assert "expected one array record, found 2" in s.last_round["dropped-reasons"][0]
+    assert "expected one array record, found 2" in s.round_stats.dropped_reasons[0]
 
 
 def test_a_node_whose_depth_grew_is_sent_every_array_after_it_failed():

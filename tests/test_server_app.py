@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from core.config import ConfigError
-from server_app.app import RunFailed, in_partition_order, main, round_row, run
+from server_app.app import RunFailed, in_partition_order, main, run
+from server_app.results import round_row
+from strategies.depth_fedavg import RoundStats
 from tests.checks import TINY, one_line
 
 NODES = 2
@@ -45,17 +47,18 @@ def test_an_odd_or_unwritable_output_dir_is_one_line(fake_grid, tmp_path, output
 
 
 def test_a_round_counts_the_bytes_of_accepted_updates_only():
+    stats = RoundStats(clients=1, depths=[3], bytes_up=100, dropped_reasons=["bad"], dropped_nodes=[7])
     row = round_row(
         1,
-        1.0,
-        {"accuracy": [0.5]},
-        {"bytes-up": 100, "clients": 1, "dropped": 1},
-        None,
-        None,
-        [],
-        {"dense-adapter-bytes": 1, "full-finetune-bytes": 2},
+        seconds=1.0,
+        server_eval={"accuracy": [0.5]},
+        stats=stats,
+        train_metrics=None,
+        eval_metrics=None,
+        replies=[],
+        sizes={"dense-adapter-bytes": 1, "full-finetune-bytes": 2},
     )
-    assert row["bytes-up"] == 100
+    assert row["bytes-up"] == 100 and row["dropped"] == 1 and row["clients-per-depth"] == {"3": 1}
 
 
 def test_aggregation_does_not_depend_on_the_order_replies_arrive():

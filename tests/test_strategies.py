@@ -177,8 +177,8 @@ def test_a_bad_update_is_dropped_with_its_reason_and_changes_nothing(name, bad, 
     with_bad, clean = _strategy(name), _strategy(name)
     got = to_numpy(with_bad.aggregate_train(1, _replies(good) + [reply(arrays, n, depth, 66)])[0])
     want = to_numpy(clean.aggregate_train(1, _replies(good))[0])
-    assert with_bad.last_round["dropped"] == 1 and with_bad.last_round["clients"] == 3
-    assert reason in with_bad.last_round["dropped-reasons"][0]
+    assert with_bad.round_stats.dropped == 1 and with_bad.round_stats.clients == 3
+    assert reason in with_bad.round_stats.dropped_reasons[0]
     assert any("dropped the update of node 66" in r.getMessage() for r in caplog.records)
     for k in GLOBAL:
         assert np.all(np.isfinite(got[k]))
@@ -201,11 +201,11 @@ def test_sparse_updates_are_decoded_from_the_senders_depth():
     want = to_numpy(dense_twin.aggregate_train(1, [reply(sent[node], n, d, node) for node, d, n, _ in clients])[0])
     for k in GLOBAL:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
-    assert s.last_round["bytes-up"] > 0
+    assert s.round_stats.bytes_up > 0
     # The same payload claimed by a shallower client does not fit its layout.
     lying = _strategy("fedavg")
     lying.aggregate_train(1, [reply(payloads[2], 30, 2, 2), reply(payloads[1], 10, 1, 1)])
-    assert lying.last_round["dropped"] == 1 and "does not fit" in lying.last_round["dropped-reasons"][0]
+    assert lying.round_stats.dropped == 1 and "does not fit" in lying.round_stats.dropped_reasons[0]
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedadam", "median"])
@@ -217,13 +217,13 @@ def test_closed_form_heads_stay_out_of_updates_and_keep_their_value(name):
     for replies in (dense, packed):
         s = _strategy(name, heads="ridge")
         new = to_numpy(s.aggregate_train(1, replies)[0])
-        assert s.last_round["dropped"] == 0
+        assert s.round_stats.dropped == 0
         assert all(np.array_equal(new[k], GLOBAL[k]) for k in GLOBAL if k.startswith("heads."))
         assert all(not np.array_equal(new[k], GLOBAL[k]) for k in GLOBAL if k.startswith("adapters."))
     # a packed update laid out over the heads too (a client that trains them) does not fit
     s = _strategy(name, heads="ridge")
     s.aggregate_train(1, [reply(topk_encode(_deltas(2, 1), 0.5)[0], 10, 2, 1)])
-    assert s.last_round["dropped"] == 1
+    assert s.round_stats.dropped == 1
 
 
 def _decoded(payload, depth):
@@ -293,5 +293,5 @@ def test_bad_strategy_settings_name_their_key(cfg, key):
 def test_clients_per_tier_are_counted_by_name_and_empty_tiers_show_zero(caplog):
     s = _strategy("fedavg", **{"tier-names": "phone,tablet,server"})
     _run(s, ROUND2)
-    assert s.last_round["clients-per-tier"] == {"phone": 1, "tablet": 2, "server": 0}
+    assert s.round_stats.clients_per_tier == {"phone": 1, "tablet": 2, "server": 0}
     assert any("phone 1, tablet 2, server 0" in r.getMessage() for r in caplog.records)
