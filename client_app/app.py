@@ -148,25 +148,30 @@ def head_statistics(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.evaluate("personalize")
+def personalize_exits(msg: Message, context: Context) -> Message:
+    """The personalisation round (`evaluate.personalize`, server_app/personalization.py): fine-tunes
+    the final global adapters locally and replies metrics only; personal weights stay here."""
+    cfg, model, datasets, depth, pid, _ = _setup(msg, context)
+    train_ds, val_ds = datasets()
+    counts = msg.content.config_records.get("config", {}).get("label-counts")
+    metrics = personalize(
+        model,
+        depth,
+        train_ds,
+        val_ds,
+        cfg,
+        seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1),
+        federation_labels=list(counts) if counts else None,
+    )
+    metrics["partition-id"] = pid
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_exits(msg: Message, context: Context) -> Message:
     cfg, model, datasets, depth, pid, _ = _setup(msg, context)
-    train_ds, val_ds = datasets()
-    config = msg.content.config_records.get("config", {})
-    if config.get("personalize", False):
-        # Fine-tunes locally and replies metrics only: personal weights stay here.
-        counts = config.get("label-counts")
-        metrics = personalize(
-            model,
-            depth,
-            train_ds,
-            val_ds,
-            cfg,
-            seed=client_seed(cfg, pid, cfg["num-server-rounds"] + 1),
-            federation_labels=list(counts) if counts else None,
-        )
-        metrics["partition-id"] = pid
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    _, val_ds = datasets()
     metrics: dict = {"num-examples": len(val_ds), "depth": depth}
     if len(val_ds):
         res = evaluate(model, DataLoader(val_ds, batch_size=cfg["eval-batch-size"]), depth)

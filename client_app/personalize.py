@@ -1,9 +1,9 @@
 """Personalisation on a client: fine-tune the global adapters on local data.
 
-The server asks for it with an evaluate message whose config holds
-`personalize = true` (after the last round). The client fine-tunes the
-exits it runs for `personalize-epochs` at `personalize-lr` on its training
-split, and reports validation accuracy per exit before and after, plus the
+The server asks for it with an `evaluate.personalize` message (after the
+last round), which Flower routes to `client_app.app.personalize_exits`. The
+client fine-tunes the exits it runs for `personalize-epochs` at
+`personalize-lr` on its training split, and reports validation accuracy per exit before and after, plus the
 training loss before and after. Only metrics travel back: the personalised
 weights never leave the client, and the model object (shared by every
 message this process handles) gets the received global weights back.

@@ -22,6 +22,9 @@ from core.run_files import PERSONALIZATION as FILE
 
 from . import head_fit
 
+# Flower routes "<category>.<action>" to the ClientApp function registered as @app.evaluate("personalize").
+PERSONALIZE = f"{MessageType.EVALUATE}.personalize"
+
 
 def request(
     grid: Grid,
@@ -31,15 +34,16 @@ def request(
     node_depth: dict[int, int] | None = None,
     label_counts: list[int] | None = None,
 ) -> list[tuple[int, Message]]:
-    """Send the final global adapters to all nodes with config personalize=true through `send`
+    """Send the final global adapters to all nodes as `evaluate.personalize` messages (Flower's
+    action routing: client_app.app.personalize_exits answers them) through `send`
     (server_app.exchange.Exchange: its retries, patience and progress lines); (node, reply) pairs.
 
     A node whose depth the rounds taught gets the arrays of its blocks only; another gets all.
     """
-    config = {"personalize": True, "server-round": server_round}
+    config = {"server-round": server_round}
     if label_counts:
         config["label-counts"] = [int(c) for c in label_counts]
-    messages = by_depth(arrays, grid.get_node_ids(), node_depth, ConfigRecord(config), MessageType.EVALUATE)
+    messages = by_depth(arrays, grid.get_node_ids(), node_depth, ConfigRecord(config), PERSONALIZE)
     replies = send(messages, "personalisation")
     return [(reply_node(r, messages), r) for r in replies]
 

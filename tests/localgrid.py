@@ -23,12 +23,14 @@ def ensure_task_identity() -> None:
 
 class LocalGrid:
     def __init__(self, num_nodes: int, run_config: dict, node_configs: list[dict] | None = None):
-        from client_app.app import evaluate_exits, head_statistics, train
+        from client_app.app import evaluate_exits, head_statistics, personalize_exits, train
+        from server_app.personalization import PERSONALIZE
 
         self.handlers = {
             MessageType.TRAIN: train,
             MessageType.EVALUATE: evaluate_exits,
             MessageType.QUERY: head_statistics,
+            PERSONALIZE: personalize_exits,
         }
         self.node_ids = list(range(1, num_nodes + 1))
         node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]

@@ -10,24 +10,22 @@ from safetensors.numpy import load_file
 
 import client_app.personalize as personalize_mod
 from adapters.state import get_state, set_state
-from client_app.app import evaluate_exits
+from client_app.app import personalize_exits
 from core.config import validate
 from core.naming import param_block
 from core.records import to_record
 from runtime.models import initial_state, model_and_spec
 from server_app import checkpoint, results
 from server_app.app import run
-from server_app.personalization import FILE, summarize
+from server_app.personalization import FILE, PERSONALIZE, summarize
 from tests.flowerkit import context
 
 RUN = {"task": "digits", "backbone-weights": "", "batch-size": 32, "personalize-epochs": 2, "personalize-lr": 3e-3}
 
 
 def _personalize_message(arrays, node_id=1):
-    content = RecordDict(
-        {"arrays": to_record(arrays), "config": ConfigRecord({"personalize": True, "server-round": 9})}
-    )
-    return Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
+    content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord({"server-round": 9})})
+    return Message(content=content, dst_node_id=node_id, message_type=PERSONALIZE)
 
 
 def test_personalisation_trains_on_the_client_only_and_lowers_its_training_loss(monkeypatch):
@@ -49,7 +47,7 @@ def test_personalisation_trains_on_the_client_only_and_lowers_its_training_loss(
     monkeypatch.setattr(personalize_mod, "fine_tune", spy)
     untouched = {k: v for k, v in get_state(model).items() if param_block(k) > 3}
     node = {"partition-id": 1, "num-partitions": 4, "max-depth": 3}
-    reply = evaluate_exits(_personalize_message(sent), context(node, RUN))
+    reply = personalize_exits(_personalize_message(sent), context(node, RUN))
 
     assert set(personal) and all(
         k.startswith(("adapters.0.", "adapters.1.", "adapters.2.", "heads.0.", "heads.1.", "heads.2."))
@@ -114,9 +112,8 @@ def test_server_runs_one_personalisation_round_and_keeps_the_global_weights(fake
     }
     grid = fake_grid(3, cfg)
     run_dir = run(grid, cfg)
-    personalize = [d for d in grid.delivered if d["config"].get("personalize")]
+    personalize = [d for d in grid.delivered if d["type"] == PERSONALIZE]
     assert sorted(d["node"] for d in personalize) == [1, 2, 3]
-    assert all(d["type"] == MessageType.EVALUATE for d in personalize)
     summary = json.loads((run_dir / FILE).read_text())
     assert summary["clients"] == 3 and summary["epochs"] == 1
     assert [e["exit"] for e in summary["exits"]] == [1, 2]
@@ -141,7 +138,7 @@ def test_no_personalisation_round_when_epochs_is_zero(fake_grid, tmp_path):
     }
     grid = fake_grid(2, cfg)
     run_dir = run(grid, cfg)
-    assert not any(d["config"].get("personalize") for d in grid.delivered)
+    assert not any(d["type"] == PERSONALIZE for d in grid.delivered)
     assert not (run_dir / FILE).exists()
 
 
