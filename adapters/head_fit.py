@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from core.config import head_fit_rounds
+
 from .model import AnytimeViT
 from .training import model_device
 
@@ -123,6 +125,7 @@ def solve_heads(
     lam: float,
     scale: float = 1.0,
     proj: np.ndarray | None = None,
+    shifts: dict[int, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """heads.<i>.fc.weight/bias minimising the mean squared error to one-hot labels + lam |W|^2,
     times `scale`.
@@ -137,6 +140,7 @@ def solve_heads(
     reads that confidence) and whose cross-entropy gradient in local
     training does not tear the fitted heads apart. Statistics of projected
     features (`proj`) give weights on the projection, mapped back to phi.
+    `shifts` per exit: added to G's diagonal (`dp_shift`, for noisy statistics).
     """
     heads: dict[str, np.ndarray] = {}
     fitted = {i: n for i, n in counts.items() if n > 0}
@@ -146,7 +150,8 @@ def solve_heads(
     widest = federation_exit(counts)
     prior = _log_prior(sums, widest) if widest is not None else None
     for i, n in sorted(fitted.items()):
-        w = scale * ridge(unpack_gram(sums[stat_name(i, GRAM)]), sums[stat_name(i, CROSS)], n, lam)  # (D+1, C)
+        gram, cross = unpack_gram(sums[stat_name(i, GRAM)]), sums[stat_name(i, CROSS)]
+        w = scale * ridge(gram, cross, n, lam, (shifts or {}).get(i, 0.0))  # (D+1, C)
         bias = w[-1] + prior - _log_prior(sums, i)
         weight = w[:-1].T if proj is None else w[:-1].T @ proj
         heads[f"heads.{i}.fc.weight"] = np.ascontiguousarray(weight, dtype=np.float32)
@@ -154,10 +159,11 @@ def solve_heads(
     return heads
 
 
-def ridge(gram: np.ndarray, cross: np.ndarray, n: float, lam: float) -> np.ndarray:
-    """argmin_W |phi W - y|^2 / n + lam |W|^2 from G, R and the example count n, in float64."""
+def ridge(gram: np.ndarray, cross: np.ndarray, n: float, lam: float, shift: float = 0.0) -> np.ndarray:
+    """argmin_W |phi W - y|^2 / n + lam |W|^2 from G, R and the example count n, in float64;
+    `shift` (in G's units) is added to G's diagonal first (the noise floor of DP statistics)."""
     gram = np.asarray(gram, dtype=np.float64) / n
-    return np.linalg.solve(gram + lam * np.eye(len(gram)), np.asarray(cross, dtype=np.float64) / n)
+    return np.linalg.solve(gram + (lam + shift / n) * np.eye(len(gram)), np.asarray(cross, dtype=np.float64) / n)
 
 
 def feature_bound(arrays: dict[str, np.ndarray], exit_index: int) -> float:
@@ -191,3 +197,53 @@ def _log_prior(sums: dict[str, np.ndarray], exit_index: int) -> np.ndarray:
     """log label frequencies behind an exit's sums; an unseen class counts half an example."""
     counts = np.maximum(exit_label_counts(sums, exit_index), 0.5)
     return np.log(counts / counts.sum())
+
+
+# -- differentially private statistics (sufficient-statistics perturbation) ------------------
+
+
+def dp_noise_std(bounds: list[float], epsilon: float, delta: float, fits: int) -> float:
+    """The std of the Gaussian noise on every entry of a node's statistics (exits 1..len(bounds))
+    that makes `fits` releases of them together (epsilon, delta)-DP for any one of its examples.
+
+    Neighbouring data sets differ in one example, replaced (the example count is public: the
+    server weighs and checks by it). One example's phi = [h, 1] with |h| <= B moves G by
+    phi phi^T - phi' phi'^T, whose upper triangle has norm <= 2 (B^2 + 1), and R by
+    phi y^T - phi' y'^T, norm <= 2 sqrt(B^2 + 1); it reaches every exit it runs, so the
+    sensitivity adds up over the exits in L2. Each fit is a Gaussian mechanism, rho = D^2 / (2 s^2)
+    zero-concentrated DP; `fits` of them compose to fits * rho, which is (epsilon, delta)-DP when
+    rho_total = (sqrt(epsilon + log(1/delta)) - sqrt(log(1/delta)))^2 (Bun & Steinke 2016).
+    """
+    if epsilon <= 0 or fits < 1:
+        raise ValueError("epsilon must be > 0 and fits >= 1")
+    sens = float(np.sqrt(sum(4 * (b * b + 1) ** 2 + 4 * (b * b + 1) for b in bounds)))
+    log_inv_delta = float(np.log(1 / delta))
+    rho_total = (np.sqrt(epsilon + log_inv_delta) - np.sqrt(log_inv_delta)) ** 2
+    return sens / float(np.sqrt(2 * rho_total / fits))
+
+
+def noise_std(cfg: dict, bounds: list[float]) -> float:
+    """The std of the privacy noise a node adds to the statistics of the exits with these feature
+    bounds under the run config (`head-dp-epsilon`; 0 when off): client and server compute it alike."""
+    if cfg["head-dp-epsilon"] <= 0:
+        return 0.0
+    return dp_noise_std(bounds, cfg["head-dp-epsilon"], cfg["head-dp-delta"], len(head_fit_rounds(cfg)))
+
+
+def add_dp_noise(sums: dict[str, np.ndarray], std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """`sums` with N(0, std^2) added to every entry but G's constant corner (the public example count)."""
+    out = {}
+    for name, value in sums.items():
+        noisy = value.astype(np.float64) + rng.normal(0.0, std, value.shape)
+        if name.endswith(GRAM):
+            noisy[-1] = value[-1]  # the row-major upper triangle ends with the corner
+        out[name] = noisy.astype(np.float32)
+    return out
+
+
+def dp_shift(stds: list[float], dim: int) -> float:
+    """What to add to the diagonal of a sum of noisy G's (`dim` x `dim`, one noise std per node)
+    so that it stays positive semi-definite: the summed noise is a symmetric Gaussian matrix of
+    entry std sqrt(sum std^2), whose largest eigenvalue is about 2 sqrt(sum std^2) sqrt(dim)
+    (the edge of the semicircle law)."""
+    return 2.0 * float(np.sqrt(sum(s * s for s in stds) * dim))

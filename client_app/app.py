@@ -119,7 +119,7 @@ def head_statistics(msg: Message, context: Context) -> Message:
     Asked for before round 1 and every `head-refit-every` rounds unless `heads` is "trained"
     (server_app/head_fit.py).
     """
-    from adapters.head_fit import exit_statistics, projection
+    from adapters.head_fit import add_dp_noise, exit_statistics, feature_bound, noise_std, projection
 
     from .head_attacks import poison
 
@@ -133,6 +133,10 @@ def head_statistics(msg: Message, context: Context) -> Message:
     proj = projection(width, int(config.get("stat-dim", width)), int(config.get("stat-seed", cfg["seed"])))
     loader = DataLoader(train_ds, batch_size=cfg["eval-batch-size"])
     sums, seen = exit_statistics(model, loader, depth, proj)
+    if cfg["head-dp-epsilon"] > 0:
+        # Fresh entropy, not the run's seed: noise the server could redraw would protect nothing.
+        std = noise_std(cfg, [feature_bound(received, i) for i in range(depth)])
+        sums = add_dp_noise(sums, std, np.random.default_rng())
     if pid in parse_attackers(cfg):
         # Robustness benchmarks: the server's checks and screen must stop these (server_app/head_guard.py).
         server_round = int(config.get("server-round", 0))

@@ -337,6 +337,21 @@ KEYS: tuple[Key, ...] = (
             _fraction,
         ),
         Key(
+            "head-dp-epsilon",
+            0.0,
+            "With closed-form heads: differentially private statistics. Each node adds Gaussian noise to its G "
+            "and R, calibrated to the bound LayerNorm puts on the features, so that all the fits of the run "
+            "together are (head-dp-epsilon, head-dp-delta)-DP for any one of its examples (0 = off, exact "
+            "statistics). See docs/benchmarks.md.",
+            _non_negative,
+        ),
+        Key(
+            "head-dp-delta",
+            1e-5,
+            "With head-dp-epsilon: the delta of the run's differential privacy (below 1 / a node's examples).",
+            _open_fraction,
+        ),
+        Key(
             "logit-adjust",
             0.0,
             "Label-skew correction in local training: each exit's logits get + tau * log(client's label "
@@ -664,18 +679,29 @@ def _check_together(cfg: dict[str, Any]) -> None:
 
 
 def check_heads_privacy(cfg: dict[str, Any]) -> None:
-    """Closed-form heads and a differential-privacy strategy do not go together.
+    """Closed-form heads go with a differential-privacy strategy only when their statistics are
+    private too (`head-dp-epsilon`).
 
     Checked once the strategy itself is known to be valid (its own errors
     name its keys first).
     """
     dp = [k for k in ("strategy", "strategy-inner") if "DifferentialPrivacy" in str(cfg[k])]
-    if cfg["heads"] != "trained" and dp:
+    if cfg["heads"] != "trained" and dp and cfg["head-dp-epsilon"] <= 0:
         raise ConfigError(
-            "heads",
-            f"{cfg['heads']!r} sends each client's feature statistics unclipped and without noise, outside the "
-            f'differential privacy of {dp[0]} {cfg[dp[0]]!r}: set heads = "trained"',
+            "head-dp-epsilon",
+            f"heads = {cfg['heads']!r} sends each client's feature statistics without noise, outside the "
+            f"differential privacy of {dp[0]} {cfg[dp[0]]!r}: set head-dp-epsilon > 0 (noisy statistics) or "
+            'heads = "trained"',
         )
+
+
+def head_fit_rounds(cfg: dict[str, Any]) -> list[int]:
+    """The rounds after which the heads are fitted in closed form (0 = before round 1): the one
+    schedule the server follows and the nodes' privacy accounting divides its budget by."""
+    if cfg["heads"] == "trained":
+        return []
+    every, last = cfg["head-refit-every"], cfg["num-server-rounds"]
+    return [0] + ([r for r in range(1, last + 1) if r % every == 0 or r == last] if every > 0 else [])
 
 
 def parse_tiers(cfg: dict[str, Any]) -> list[int]:

@@ -27,16 +27,18 @@ from flwr.common.logger import log
 from adapters.head_fit import (
     CROSS,
     GRAM,
+    dp_shift,
     exit_label_counts,
     feature_bound,
     federation_exit,
+    noise_std,
     pack_gram,
     projection,
     solve_heads,
     stat_dim,
     stat_name,
 )
-from core.config import clients_train_heads
+from core.config import clients_train_heads, head_fit_rounds
 from core.messages import by_depth, reply_node
 from core.naming import sent_up_to
 from core.records import arrays_of, metrics_or_empty, to_numpy
@@ -48,11 +50,7 @@ from .nothing_accepted import nothing_accepted
 
 def due(cfg: dict, server_round: int) -> bool:
     """Whether the heads are fitted before round 1 (server_round 0) or after `server_round`."""
-    if cfg["heads"] == "trained":
-        return False
-    every = cfg["head-refit-every"]
-    last = server_round == cfg["num-server-rounds"]
-    return server_round == 0 or (every > 0 and (server_round % every == 0 or last))
+    return server_round in head_fit_rounds(cfg)
 
 
 def plan(arrays: dict[str, np.ndarray], cfg: dict) -> tuple[int, int]:
@@ -94,6 +92,7 @@ def fit_heads(
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
     replies = send(messages, label)
     bounds = [feature_bound(arrays, i) for i in range(_num_exits(arrays))]
+    noise = lambda depth: noise_std(cfg, bounds[:depth])  # noqa: E731  the std a node of that depth adds
     accepted: list[dict] = []
     left_out: list[dict] = []
     shapes: dict[str, tuple] = {}
@@ -102,7 +101,7 @@ def fit_heads(
     for reply in replies:
         node = reply_node(reply, messages)
         try:
-            stats, depth, n, metrics = _check(reply, shapes, k + 1, bounds)
+            stats, depth, n, metrics = _check(reply, shapes, k + 1, bounds, noise)
         except ValueError as err:
             pid = metrics_or_empty(reply.content).get("partition-id") if not reply.has_error() else None
             reasons.append(str(err))
@@ -110,13 +109,20 @@ def fit_heads(
             log(WARNING, "%s: reply of node %s left out: %s", label, node, err)
             continue
         accepted.append(
-            {"node": int(node), "partition-id": metrics.get("partition-id"), "stats": stats, "depth": depth, "n": n}
+            {
+                "node": int(node),
+                "partition-id": metrics.get("partition-id"),
+                "stats": stats,
+                "depth": depth,
+                "n": n,
+                "noise-std": noise(depth),
+            }
         )
         up += int(metrics.get("bytes-up", 0))
         down += int(metrics.get("bytes-down", 0))
     if not accepted:
         raise nothing_accepted(label, len(replies), reasons, cfg["round-timeout"])
-    sums, counts, capped, screened = _combine(accepted, cfg)
+    sums, counts, shifts, capped, screened = _combine(accepted, cfg, k + 1)
     for c in capped:
         log(
             WARNING,
@@ -135,11 +141,11 @@ def fit_heads(
             s_["exits"],
             s_["disagreement"],
         )
-    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj)}
+    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj, shifts)}
     summary = {
         "after-round": server_round,
         # the federation's training labels per class: personalisation moves heads from this prior to a node's
-        "label-counts": [int(round(c)) for c in exit_label_counts(sums, federation_exit(counts))],
+        "label-counts": [max(0, int(round(c))) for c in exit_label_counts(sums, federation_exit(counts))],
         "clients": len(accepted),
         "failed": len(left_out),
         "left-out": left_out,
@@ -151,15 +157,23 @@ def fit_heads(
         "bytes-down": down,
         "seconds": round(time.time() - t0, 3),
     }
+    if cfg["head-dp-epsilon"] > 0:
+        summary["privacy"] = privacy_summary(cfg, bounds)
     log(
         INFO,
-        "%s: exits 1-%d fitted by ridge regression on %d nodes' features (%s examples per exit), up %.2f MB, %.1fs",
+        "%s: exits 1-%d fitted by ridge regression on %d nodes' features (%s examples per exit), up %.2f MB, %.1fs%s",
         label,
         max(counts) + 1,
         len(accepted),
         "/".join(str(c) for c in summary["examples-per-exit"]),
         up / 1e6,
         summary["seconds"],
+        (
+            f"; differentially private statistics, the run's fits together ({cfg['head-dp-epsilon']:g}, "
+            f"{cfg['head-dp-delta']:g})-DP"
+            if "privacy" in summary
+            else ""
+        ),
     )
     return fitted, summary
 
@@ -168,10 +182,23 @@ def _num_exits(arrays: dict[str, np.ndarray]) -> int:
     return len({k.split(".")[1] for k in arrays if k.startswith("heads.")})
 
 
-def _combine(accepted: list[dict], cfg: dict) -> tuple[dict, dict, list, list]:
+def privacy_summary(cfg: dict, bounds: list[float]) -> dict:
+    """What head_fit.json says of the statistics' differential privacy."""
+    return {
+        "epsilon": cfg["head-dp-epsilon"],
+        "delta": cfg["head-dp-delta"],
+        "unit": "one training example of a node, replaced; over all the run's fits together",
+        "fits": len(head_fit_rounds(cfg)),
+        "noise-std-per-depth": [round(noise_std(cfg, bounds[:d]), 4) for d in range(1, len(bounds) + 1)],
+    }
+
+
+def _combine(accepted: list[dict], cfg: dict, dim: int) -> tuple[dict, dict, dict, list, list]:
     """Per exit, the capped statistics of the nodes the screen keeps, summed (G as its upper
-    triangle, as solve_heads reads it); the examples behind each exit; who was capped and who
-    screened out."""
+    triangle, as solve_heads reads it); the examples behind each exit; the diagonal shift that
+    keeps noisy sums positive definite; who was capped and who screened out.
+
+    With privacy noise the screen is off: the noise hides the class means it reads."""
     weights = head_guard.cap_weights({j: a["n"] for j, a in enumerate(accepted)}, cfg["head-weight-cap"])
     capped = [
         {
@@ -185,13 +212,15 @@ def _combine(accepted: list[dict], cfg: dict) -> tuple[dict, dict, list, list]:
     ]
     sums: dict[str, np.ndarray] = {}
     counts: dict[int, float] = {}
+    shifts: dict[int, float] = {}
     out: dict[int, dict] = {}
+    private = cfg["head-dp-epsilon"] > 0
     for i in range(max(a["depth"] for a in accepted)):
         who = [j for j, a in enumerate(accepted) if a["depth"] > i]
         stats = [
             (*head_guard.exit_stats(accepted[j]["stats"], i, weights[j]), accepted[j]["n"] * weights[j]) for j in who
         ]
-        dropped = head_guard.screen(stats, cfg["ridge-lambda"], cfg["head-screen"])
+        dropped = {} if private else head_guard.screen(stats, cfg["ridge-lambda"], cfg["head-screen"])
         for idx, score in dropped.items():
             a = accepted[who[idx]]
             entry = out.setdefault(
@@ -203,7 +232,9 @@ def _combine(accepted: list[dict], cfg: dict) -> tuple[dict, dict, list, list]:
         sums[stat_name(i, GRAM)] = pack_gram(sum(s[0] for s in kept))
         sums[stat_name(i, CROSS)] = sum(s[1] for s in kept)
         counts[i] = float(sum(s[2] for s in kept))
-    return sums, counts, capped, [out[j] for j in sorted(out)]
+        if private:
+            shifts[i] = dp_shift([weights[j] * accepted[j]["noise-std"] for j in who], dim)
+    return sums, counts, shifts, capped, [out[j] for j in sorted(out)]
 
 
 def fits(run_dir: Path) -> list[dict]:
@@ -226,7 +257,7 @@ def record(run_dir: Path, summary: dict, cfg: dict) -> None:
 
 
 def _check(
-    reply: Message, shapes: dict[str, tuple], dim: int, bounds: list[float]
+    reply: Message, shapes: dict[str, tuple], dim: int, bounds: list[float], noise
 ) -> tuple[dict[str, np.ndarray], int, int, dict]:
     """A reply's statistics, depth and example count; ValueError says what is wrong with it."""
     if reply.has_error():
@@ -249,7 +280,7 @@ def _check(
             raise ValueError(f"{k} has shape {v.shape}, other nodes sent {shapes[k]}")
         if not np.all(np.isfinite(v)):
             raise ValueError(f"{k} is not finite")
-    head_guard.check_statistics(stats, depth, n, bounds)
+    head_guard.check_statistics(stats, depth, n, bounds, noise(depth))
     for k, v in stats.items():
         shapes.setdefault(k, v.shape)
     return stats, depth, n, metrics

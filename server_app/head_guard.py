@@ -33,9 +33,16 @@ from adapters.head_fit import CROSS, GRAM, ridge, stat_name, unpack_gram
 RTOL = 1e-4
 
 
-def check_statistics(stats: dict[str, np.ndarray], depth: int, n: int, bounds: list[float]) -> None:
+def check_statistics(
+    stats: dict[str, np.ndarray], depth: int, n: int, bounds: list[float], noise_std: float = 0.0
+) -> None:
     """ValueError naming the first exit whose G and R no data set of n examples with features
-    |h| <= bounds[exit] gives."""
+    |h| <= bounds[exit] gives.
+
+    Statistics with differential-privacy noise of std `noise_std` on every entry
+    (`head-dp-epsilon`) no longer satisfy the identities, and the noise is what keeps the server
+    from reading a node's data in them: only the public example count (G's corner, left
+    without noise) and the trace bound, widened by six noise stds, are checked."""
     for i in range(depth):
         try:
             gram = unpack_gram(stats[stat_name(i, GRAM)].astype(np.float64))
@@ -44,7 +51,21 @@ def check_statistics(stats: dict[str, np.ndarray], depth: int, n: int, bounds: l
         cross = stats[stat_name(i, CROSS)].astype(np.float64)
         if cross.ndim != 2 or cross.shape[0] != len(gram):
             raise ValueError(f"exit {i + 1}: R has shape {cross.shape}, G is {gram.shape}")
-        _check_exit(gram, cross, n, bounds[i], f"exit {i + 1}")
+        if noise_std > 0:
+            _check_noisy_exit(gram, n, bounds[i], noise_std, f"exit {i + 1}")
+        else:
+            _check_exit(gram, cross, n, bounds[i], f"exit {i + 1}")
+
+
+def _check_noisy_exit(gram: np.ndarray, n: int, bound: float, noise_std: float, where: str) -> None:
+    if abs(gram[-1, -1] - n) > 0.5:
+        raise ValueError(f"{where}: G's constant corner is {gram[-1, -1]:.6g}, not the example count {n}")
+    slack = 6 * noise_std * np.sqrt(len(gram) - 1)
+    if np.trace(gram[:-1, :-1]) > n * bound**2 * (1 + RTOL) + slack:
+        raise ValueError(
+            f"{where}: the trace of G, {np.trace(gram[:-1, :-1]):.6g}, exceeds what {n} features of norm "
+            f"<= {bound:.4g} and the privacy noise allow"
+        )
 
 
 def _check_exit(gram: np.ndarray, cross: np.ndarray, n: int, bound: float, where: str) -> None:

@@ -214,9 +214,9 @@ def test_ridge_with_a_differential_privacy_strategy_is_refused_by_name(tmp_path)
         "strategy": "flwr:DifferentialPrivacyServerSideFixedClipping",
         "strategy-args": "noise_multiplier=0.1 clipping_norm=1.0",
     }
-    with pytest.raises(ConfigError, match="heads"):
+    with pytest.raises(ConfigError, match="head-dp-epsilon"):
         check_heads_privacy(validate(dp))
-    with pytest.raises(ConfigError, match="heads"):  # the ServerApp refuses it before round 1
+    with pytest.raises(ConfigError, match="head-dp-epsilon"):  # the ServerApp refuses it before round 1
         run(LocalGrid(2, dp), _cfg(tmp_path, **dp))
     check_heads_privacy(validate({**dp, "heads": "trained"}))
     check_heads_privacy(validate({"strategy": "flwr:Krum"}))
@@ -243,6 +243,7 @@ def test_clients_train_the_heads_unless_they_are_closed_form(model, heads, train
 
 def test_personalisation_moves_closed_form_heads_to_the_nodes_label_prior(fake_grid, tmp_path, model):
     from client_app.personalize import shift_to_own_labels
+    from server_app.personalization import PERSONALIZE
 
     before = model.heads[0].fc.bias.detach().clone()
     shift_to_own_labels(model, 1, [3, 1, 0, 0], [10, 10, 10, 10])
@@ -252,7 +253,7 @@ def test_personalisation_moves_closed_form_heads_to_the_nodes_label_prior(fake_g
     cfg = _cfg(tmp_path, **{"personalize-epochs": 1, "tiers": "2"})
     grid = fake_grid(num_nodes=2, run_config=cfg)
     run_dir = run(grid, cfg)
-    sent = [d["config"] for d in grid.delivered if d["config"].get("personalize")]
+    sent = [d["config"] for d in grid.delivered if d["type"] == PERSONALIZE]
     fit = json.loads((run_dir / head_fit.FILE).read_text())["fits"][-1]
     assert len(sent) == 2 and all(list(c["label-counts"]) == fit["label-counts"] for c in sent)
     assert sum(fit["label-counts"]) == fit["examples-per-exit"][0]
