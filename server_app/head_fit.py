@@ -122,7 +122,7 @@ def fit_heads(
         down += int(metrics.get("bytes-down", 0))
     if not accepted:
         raise nothing_accepted(label, len(replies), reasons, cfg["round-timeout"])
-    sums, counts, shifts, capped, screened = _combine(accepted, cfg, k + 1)
+    sums, counts, shifts, capped, screened = combine(accepted, cfg, k + 1)
     for c in capped:
         log(
             WARNING,
@@ -193,7 +193,7 @@ def privacy_summary(cfg: dict, bounds: list[float]) -> dict:
     }
 
 
-def _combine(accepted: list[dict], cfg: dict, dim: int) -> tuple[dict, dict, dict, list, list]:
+def combine(accepted: list[dict], cfg: dict, dim: int) -> tuple[dict, dict, dict, list, list]:
     """Per exit, the capped statistics of the nodes the screen keeps, summed (G as its upper
     triangle, as solve_heads reads it); the examples behind each exit; the diagonal shift that
     keeps noisy sums positive definite; who was capped and who screened out.

@@ -166,3 +166,16 @@ def test_personalisation_sends_a_node_the_arrays_of_its_depth_and_names_a_dead_o
     with caplog.at_level(logging.WARNING, logger="flwr"):
         assert summarize(replies, validate({}))["failed"] == 1
     assert "node 2 failed: node gone" in caplog.text
+
+
+def test_a_node_whose_labels_match_the_federations_keeps_the_federations_heads():
+    from client_app.personalize import labels_differ
+
+    rng = np.random.default_rng(0)
+    federation = [248] * 62
+    # the characters task: 4 images a class per node, 80 % of them for training
+    balanced = np.bincount(rng.permutation(np.repeat(np.arange(62), 4))[:198], minlength=62)
+    assert not labels_differ(balanced, federation)
+    skewed = np.bincount(rng.choice(62, 198, p=rng.dirichlet([0.5] * 62)), minlength=62)
+    assert labels_differ(skewed, federation)
+    assert not labels_differ(np.zeros(62), federation)
