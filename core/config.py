@@ -162,7 +162,7 @@ KEYS: tuple[Key, ...] = (
     # federation rounds, sampling, waiting, evaluation, outputs
     *_section(
         "run",
-        Key("num-server-rounds", 25, "Federated rounds to run.", _positive),
+        Key("num-server-rounds", 15, "Federated rounds to run.", _positive),
         Key("fraction-train", 1.0, "Fraction of connected nodes sampled for training each round.", _open_fraction),
         Key(
             "fraction-evaluate",
@@ -470,9 +470,9 @@ KEYS: tuple[Key, ...] = (
         Key("shared-adapter", False, "One adapter shared by all blocks instead of one per block."),
         Key(
             "token-adapter-width",
-            0,
+            32,
             "Bottleneck width of a token adapter after every block (a residual MLP on every token, which "
-            "changes the patch features the accumulator cannot reach); 0 = none (the paper). See "
+            "changes the patch features the accumulator cannot reach); 0 = none (the paper's adapters alone). See "
             "docs/benchmarks.md.",
             _non_negative,
         ),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench  # whole benchmark scripts on small settings (a minute together)
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

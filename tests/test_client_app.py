@@ -24,7 +24,7 @@ def test_reply_holds_exactly_what_the_client_trains_of_blocks_up_to_depth(global
     out = train(train_message(global_state), ctx)
     sent = to_numpy(out.content.array_records["arrays"])
     # closed-form heads (the default) are fitted by the server: their zero deltas stay home
-    expected = {k for k in global_state if param_block(k) <= depth and (heads != "ridge" or k.startswith("adapters."))}
+    expected = {k for k in global_state if param_block(k) <= depth and (heads != "ridge" or not k.startswith("heads."))}
     assert set(sent) == expected
     assert not any(k.startswith("backbone") for k in sent)
     metrics = out.content.metric_records["metrics"]
@@ -40,7 +40,7 @@ def test_topk_reply_sends_packed_entries_not_dense_zeros(global_state):
     out = train(train_message(global_state), ctx)
     sent = to_numpy(out.content.array_records["arrays"])
     assert set(sent) <= {"@mask", "@gaps", "@values"} and "@values" in sent
-    trained = [v.size for k, v in global_state.items() if param_block(k) <= 3 and k.startswith("adapters.")]
+    trained = [v.size for k, v in global_state.items() if param_block(k) <= 3 and not k.startswith("heads.")]
     assert sent["@values"].size <= 0.1 * sum(trained) + len(trained)  # ceil per tensor
     m = out.content.metric_records["metrics"]
     assert m["bytes-up"] <= 0.1 * m["dense-bytes"]
@@ -64,4 +64,4 @@ def test_the_received_arrays_are_found_under_the_name_the_strategy_gave_them(glo
     del msg.content["arrays"]
     ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": 3}, TINY)
     sent = to_numpy(train(msg, ctx).content.array_records["arrays"])
-    assert set(sent) == {k for k in global_state if param_block(k) <= 3 and k.startswith("adapters.")}
+    assert set(sent) == {k for k in global_state if param_block(k) <= 3 and not k.startswith("heads.")}
