@@ -207,3 +207,36 @@ def test_a_simulation_logs_no_line_per_reply_but_still_one_while_a_round_waits(c
     assert len(replies) == 20
     lines = [line for line in flwr_log if line.startswith("round 1 train")]
     assert len(lines) == 1 and "0/20 replies after 30 s" in lines[0], lines
+
+
+def test_the_personalisation_round_is_retried_like_a_training_round(tmp_path, clock, flwr_log):
+    from server_app.personalization import FILE, PERSONALIZE
+
+    class FlakyAtPersonalisation(PushPullGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == PERSONALIZE:
+                self.failing = lambda n, first=self.pulls: first < n <= first + 2
+            return super().push_messages(messages)
+
+    cfg = _cfg(tmp_path, **{"num-server-rounds": 1, "personalize-epochs": 1})
+    run_dir = run(FlakyAtPersonalisation(3, cfg), cfg)
+    assert any(line.startswith("personalisation: pulling") and "retrying in" in line for line in flwr_log)
+    assert (run_dir / FILE).is_file()
+    import json
+
+    summary = json.loads((run_dir / FILE).read_text())
+    assert summary["clients"] == 3 and summary["failed"] == 0
+
+
+def test_byte_counts_are_flowers_own():
+    import numpy as np
+
+    from core.codec import payload_bytes, topk_encode
+    from core.records import to_record
+
+    rng = np.random.default_rng(0)
+    dense = {"adapters.0.w": rng.normal(size=(7, 5)).astype(np.float32), "heads.3.b": np.zeros(11, np.float32)}
+    packed, _ = topk_encode(dense, 0.2, None)
+    for arrays in (dense, packed):
+        assert payload_bytes(arrays) == to_record(arrays).count_bytes()
