@@ -232,3 +232,40 @@ def test_headroom_places_the_probe_and_central_full_finetuning_on_the_same_image
     assert [r["lr"] for r in runs] == [1e-3, 3e-3] and all("accuracy" not in r for r in runs)
     assert full["val-accuracy"] == max(r["val-accuracy"] for r in runs)
     assert report["gap-points"] == round(100 * (full["accuracy"] - sum(probe["accuracy"]) / 12), 1)
+
+
+def test_heads_dp_reports_accuracy_falling_with_the_privacy_noise(tmp_path):
+    import heads_dp
+
+    out = tmp_path / "dp.json"
+    heads_dp.main(
+        ["--nodes", "3", "--epsilons", "1", "--draws", "1", "--run-config", "task='digits'", "--out", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["epsilon"] for r in rows] == ["none", 1.0]
+    assert rows[0]["noise-std"] == 0 and rows[1]["noise-std"] > 0
+    assert rows[0]["mean-over-exits"] > rows[1]["mean-over-exits"] + 0.3  # exact statistics vs heavy noise
+
+
+def test_personalize_prior_compares_both_rules_on_a_finished_run(tmp_path):
+    import personalize_prior
+
+    from server_app.app import run
+    from tests.localgrid import LocalGrid
+
+    cfg = {
+        "task": "digits",
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "fraction-evaluate": 0.0,
+        "personalize-epochs": 0,
+        "output-dir": str(tmp_path),
+        "run-name": "p",
+    }
+    run_dir = run(LocalGrid(3, cfg), cfg)
+    out = tmp_path / "prior.json"
+    personalize_prior.main([str(run_dir), "--nodes", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["task"] == "digits" and 0 <= report["clients-shifted"] <= 3
+    for rule in ("always", "when-labels-differ"):
+        assert len(report[rule]["gain-per-exit"]) == 12
