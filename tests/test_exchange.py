@@ -69,6 +69,7 @@ def _cfg(tmp_path, **extra):
         "output-dir": str(tmp_path),
         "run-name": "r",
         "superlink-patience": 60,
+        "tiers": "1,2",  # what is exchanged matters here, not how deep the clients train
         **extra,
     }
 

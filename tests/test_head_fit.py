@@ -135,7 +135,7 @@ def _cfg(tmp_path, **over):
 
 
 def test_ridge_heads_are_fitted_once_before_round_1_from_every_node(fake_grid, tmp_path):
-    cfg = _cfg(tmp_path, **{"num-server-rounds": 2})
+    cfg = _cfg(tmp_path, **{"num-server-rounds": 1})
     grid = fake_grid(num_nodes=4, run_config=cfg)
     run_dir = run(grid, cfg)
     queries = [d for d in grid.delivered if d["type"] == MessageType.QUERY and d["round"] == 0]
@@ -143,7 +143,7 @@ def test_ridge_heads_are_fitted_once_before_round_1_from_every_node(fake_grid, t
     first_train = next(i for i, d in enumerate(grid.delivered) if d["type"] == MessageType.TRAIN)
     assert all(grid.delivered.index(q) < first_train for q in queries)
     doc = json.loads((run_dir / head_fit.FILE).read_text())
-    assert [f["after-round"] for f in doc["fits"]] == [0, 2]  # and again after the last round
+    assert [f["after-round"] for f in doc["fits"]] == [0, 1]  # and again after the last round
     fit = doc["fits"][0]
     assert fit["clients"] == 4 and fit["failed"] == 0
     # tiers 3/6/9/12, one node each: exit i is fitted on the nodes that run it

@@ -94,6 +94,7 @@ def test_a_run_with_a_dp_strategy_and_dp_heads_completes_and_reports_its_epsilon
         "fraction-evaluate": 0.0,
         "personalize-epochs": 0,
         "head-dp-epsilon": 8.0,
+        "tiers": "1,2",
         "output-dir": str(tmp_path),
         "run-name": "dp",
     }
