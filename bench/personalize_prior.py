@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     report["task"] = cfg["task"]
     report["clients-shifted"] = shifted
     for rule, per_client in gains.items():
-        per_exit = [float(np.mean([g[i] for g in per_client if len(g) > i])) for i in range(model.num_blocks)]
+        deepest = max(len(g) for g in per_client)  # exits beyond every client's depth have no gain
+        per_exit = [float(np.mean([g[i] for g in per_client if len(g) > i])) for i in range(deepest)]
         report[rule] = {"gain-per-exit": [round(v, 4) for v in per_exit], "mean": round(float(np.mean(per_exit)), 4)}
         print(f"{rule}: mean gain per exit " + " ".join(f"{v:+.3f}" for v in per_exit), flush=True)
     print(f"{shifted} of {args.nodes} clients' labels differ from the federation's (chi-square, 0.01)")
