@@ -57,12 +57,15 @@ class Update:
 class RoundStats:
     """What a strategy accepted in its last training round; the ServerApp's round row reads it."""
 
-    clients: int = 0
     depths: list[int] = field(default_factory=list)  # of the accepted updates
     bytes_up: int = 0  # of the accepted updates: a dropped reply's bytes trained nothing
     clients_per_tier: dict[str, int] = field(default_factory=dict)
     dropped_reasons: list[str] = field(default_factory=list)
     dropped_nodes: list[int] = field(default_factory=list)
+
+    @property
+    def clients(self) -> int:
+        return len(self.depths)
 
     @property
     def dropped(self) -> int:
@@ -178,10 +181,10 @@ class DepthAwareFedAvg(FedAvg):
             )
 
     # -- Flower Strategy API --------------------------------------------------
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids, message_type) -> list[Message]:
+    def _messages(self, arrays: dict[str, np.ndarray], config: ConfigRecord, node_ids, message_type) -> list[Message]:
         # Kept to name the node behind an error reply (core.messages.reply_node).
         self.sent = by_depth(
-            to_numpy(arrays),
+            arrays,
             node_ids,
             self.node_depth,
             config,
@@ -207,14 +210,14 @@ class DepthAwareFedAvg(FedAvg):
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         config = ConfigRecord({**dict(config), **self.extra_train_config(), "server-round": server_round})
         log(INFO, "configure_train: sampled %d nodes", len(nodes))
-        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+        return self._messages(self.global_arrays, config, nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         config = ConfigRecord({**dict(config), "server-round": server_round})
-        return self._messages(arrays, config, nodes, MessageType.EVALUATE)
+        return self._messages(to_numpy(arrays), config, nodes, MessageType.EVALUATE)
 
     def max_depth(self) -> int:
         return max((param_block(k) for k in self.global_arrays), default=0)
@@ -289,7 +292,7 @@ class DepthAwareFedAvg(FedAvg):
         tiers = {self.tier_label(d): per_tier.get(self.tier_label(d), 0) for d in sorted(self.tier_names)}
         tiers.update(sorted(per_tier.items()))  # depths outside the tiers (node max-depth)
         stats = self.round_stats
-        stats.clients, stats.depths, stats.clients_per_tier = len(updates), [u.depth for u in updates], tiers
+        stats.depths, stats.clients_per_tier = [u.depth for u in updates], tiers
         stats.bytes_up = sum(u.nbytes for u in updates)
         log(
             INFO,

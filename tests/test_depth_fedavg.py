@@ -127,10 +127,10 @@ def test_a_node_whose_depth_grew_is_sent_every_array_after_it_failed():
     arrays = {f"heads.{i}.fc.weight": np.zeros((2, 2), np.float32) for i in range(3)}
     strategy = DepthAwareFedAvg(min_nodes=1)
     strategy.node_depth[5] = 1  # learnt when the node ran one block
-    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    out = strategy._messages(arrays, ConfigRecord(), [5], MessageType.TRAIN)
     assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 1
     failed = Message(Error(code=0, reason="server sent no weights for blocks 2..3"), reply_to=out[0])
     strategy.global_arrays = arrays
     strategy.accept(1, [failed])
-    out = strategy._messages(to_record(arrays), ConfigRecord(), [5], MessageType.TRAIN)
+    out = strategy._messages(arrays, ConfigRecord(), [5], MessageType.TRAIN)
     assert len(out[0].content.array_records[strategy.arrayrecord_key]) == 3

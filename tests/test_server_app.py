@@ -47,7 +47,7 @@ def test_an_odd_or_unwritable_output_dir_is_one_line(fake_grid, tmp_path, output
 
 
 def test_a_round_counts_the_bytes_of_accepted_updates_only():
-    stats = RoundStats(clients=1, depths=[3], bytes_up=100, dropped_reasons=["bad"], dropped_nodes=[7])
+    stats = RoundStats(depths=[3], bytes_up=100, dropped_reasons=["bad"], dropped_nodes=[7])
     row = round_row(
         1,
         seconds=1.0,
