@@ -3,8 +3,8 @@
 The server asks for it with an `evaluate.personalize` message (after the
 last round), which Flower routes to `client_app.app.personalize_exits`. The
 client fine-tunes the exits it runs for `personalize-epochs` at
-`personalize-lr` on its training split, and reports validation accuracy per exit before and after, plus the
-training loss before and after. Only metrics travel back: the personalised
+`personalize-lr` on its training split, and reports validation accuracy per
+exit before and after, plus the training loss before and after. Only metrics travel back: the personalised
 weights never leave the client, and the model object (shared by every
 message this process handles) gets the received global weights back.
 
@@ -96,17 +96,20 @@ def personalize(
     try:
         before_train = evaluate(model, train_eval, depth)
         before_val = evaluate(model, val, depth) if val else None
+        changed = True
         if federation_labels is None:
             fine_tune(model, depth, train_ds, cfg, seed)
         else:
             # Closed-form heads: a prior shift, no gradient steps; fine-tuning (adapters
             # alone or with the heads) lowered the nodes' own accuracy (docs/outputs.md).
             own = label_counts(train_ds, model.num_classes)
-            metrics["label-prior-differs"] = int(labels_differ(own.numpy(), federation_labels))
-            if metrics["label-prior-differs"]:
+            changed = labels_differ(own.numpy(), federation_labels)
+            metrics["label-prior-differs"] = int(changed)
+            if changed:
                 shift_to_own_labels(model, depth, own, federation_labels)
-        after_train = evaluate(model, train_eval, depth)
-        after_val = evaluate(model, val, depth) if val else None
+        # a model left as it was scores as it did: no second pass over the data
+        after_train = evaluate(model, train_eval, depth) if changed else before_train
+        after_val = (evaluate(model, val, depth) if val else None) if changed else before_val
     finally:
         set_state(model, global_state)
     metrics["train-loss-before"] = float(np.mean(before_train["loss"]))
