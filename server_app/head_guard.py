@@ -51,37 +51,30 @@ def check_statistics(
         cross = stats[stat_name(i, CROSS)].astype(np.float64)
         if cross.ndim != 2 or cross.shape[0] != len(gram):
             raise ValueError(f"exit {i + 1}: R has shape {cross.shape}, G is {gram.shape}")
-        if noise_std > 0:
-            _check_noisy_exit(gram, n, bounds[i], noise_std, f"exit {i + 1}")
-        else:
-            _check_exit(gram, cross, n, bounds[i], f"exit {i + 1}")
+        _check_exit(gram, cross, n, bounds[i], f"exit {i + 1}", noise_std)
 
 
-def _check_noisy_exit(gram: np.ndarray, n: int, bound: float, noise_std: float, where: str) -> None:
-    if abs(gram[-1, -1] - n) > 0.5:
-        raise ValueError(f"{where}: G's constant corner is {gram[-1, -1]:.6g}, not the example count {n}")
-    slack = 6 * noise_std * np.sqrt(len(gram) - 1)
+def _check_trace(gram: np.ndarray, n: int, bound: float, slack: float, where: str, allowing: str = "") -> None:
     if np.trace(gram[:-1, :-1]) > n * bound**2 * (1 + RTOL) + slack:
         raise ValueError(
             f"{where}: the trace of G, {np.trace(gram[:-1, :-1]):.6g}, exceeds what {n} features of norm "
-            f"<= {bound:.4g} and the privacy noise allow"
+            f"<= {bound:.4g}{allowing} allow"
         )
 
 
-def _check_exit(gram: np.ndarray, cross: np.ndarray, n: int, bound: float, where: str) -> None:
-    counts = cross[-1]
+def _check_exit(gram: np.ndarray, cross: np.ndarray, n: int, bound: float, where: str, noise_std: float) -> None:
     if abs(gram[-1, -1] - n) > 0.5:
         raise ValueError(f"{where}: G's constant corner is {gram[-1, -1]:.6g}, not the example count {n}")
+    if noise_std > 0:
+        _check_trace(gram, n, bound, 6 * noise_std * np.sqrt(len(gram) - 1), where, " and the privacy noise")
+        return
+    counts = cross[-1]
     if counts.min() < -0.5 or abs(counts.sum() - n) > 0.5:
         raise ValueError(f"{where}: R's class counts {np.round(counts, 2).tolist()} do not add up to {n} examples")
     scale = n * (bound + 1.0)
     if np.abs(cross.sum(axis=1) - gram[:, -1]).max() > RTOL * scale:
         raise ValueError(f"{where}: R summed over the classes is not G's constant column (sum of phi)")
-    if np.trace(gram[:-1, :-1]) > n * bound**2 * (1 + RTOL) + RTOL:
-        raise ValueError(
-            f"{where}: the trace of G, {np.trace(gram[:-1, :-1]):.6g}, exceeds what {n} features of norm "
-            f"<= {bound:.4g} allow"
-        )
+    _check_trace(gram, n, bound, RTOL, where)
     norms = np.linalg.norm(cross[:-1], axis=0)
     over = norms > np.maximum(counts, 0) * bound * (1 + RTOL) + RTOL * scale
     if over.any():
