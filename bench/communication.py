@@ -9,8 +9,9 @@ serialises). Rows:
 - full fine-tuning with FedAvg: every backbone weight plus the classifier,
   float32 dense (and, for reference, the same delta top-k 1% encoded);
 - head-only: the linear classifier on the final CLS token;
-- ours at each tier (blocks 1..d): the adapters and exit heads a depth-d
-  client trains, dense and top-k at 10% and 1%;
+- ours at each tier (blocks 1..d): what a depth-d client sends, dense and
+  top-k at 10% and 1%: its adapters, and its exit heads only when the
+  clients train them (`heads` "trained" or "ridge-init");
 - with closed-form heads (`heads` other than "trained", the default
   "ridge"): the statistics a depth-d node sends per head fit
   (adapters/head_fit.py), as sent now (float32, every feature by
@@ -39,7 +40,8 @@ from adapters.compat import import_timm
 from adapters.head_fit import CROSS, GRAM, stat_name
 from adapters.state import get_state, trainable_names
 from core.codec import payload_bytes, topk_encode
-from core.config import ConfigError, validate
+from core.config import ConfigError, clients_train_heads, validate
+from core.naming import sent_up_to
 from server_app.head_fit import fitting_features, plan
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224"
@@ -107,7 +109,8 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
     backbone = load_backbone(name)
     model = with_adapters(backbone, num_classes, cfg)
     for depth in tiers:
-        names = trainable_names(model, depth)
+        # what a client of that depth sends: with closed-form heads (the default), not the heads
+        names = sent_up_to(trainable_names(model, depth), depth, clients_train_heads(cfg))
         named = dict(model.trainable_named_parameters())
         params = {n: named[n] for n in names}
         loss = lambda: sum(torch.nn.functional.cross_entropy(z, y) for z in model(x, depth=depth))  # noqa: E731

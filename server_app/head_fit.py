@@ -62,10 +62,11 @@ def plan(arrays: dict[str, np.ndarray], cfg: dict) -> tuple[int, int]:
 
 def fitting_features(arrays: dict[str, np.ndarray], cfg: dict) -> int:
     """The widest k whose statistics per exit fit in what a node sends per block in one dense
-    adapter update, in float32: the `head-features` that makes a head fit cost no more."""
+    adapter update, in float32: the `head-features` that makes a head fit cost no more. The update
+    is what the node sends: with `heads = "ridge"` its adapters, not the heads the server fits."""
     classes, width = arrays["heads.0.fc.weight"].shape
     exits = _num_exits(arrays)
-    sent = sent_up_to(arrays, exits, not clients_train_heads(cfg))
+    sent = sent_up_to(arrays, exits, clients_train_heads(cfg))
     per_block = sum(arrays[k].size for k in sent) // exits
     return stat_dim(per_block, classes, width)
 
