@@ -9,7 +9,9 @@ over tiers 3/6/9/12 (partition-id modulo tiers, as the run config's
 - ours / reefl / ours-topk0.1 / ours-topk0.01: the real ServerApp and
   ClientApp in-process with the run config's defaults (reefl:
   `shared-adapter = true`, one accumulator for all blocks; its exit heads
-  stay per block; topk: `topk-fraction` 0.1 / 0.01);
+  stay per block; topk: `topk-fraction` 0.1 / 0.01; since 0.1 became the
+  default, `ours` is `ours-topk0.1`, and `--run-config topk-fraction=1.0`
+  gives the dense rows of the results before it);
 - depthfl / depthfl-kd: each client fine-tunes every weight of blocks
   1..d plus a LayerNorm+linear exit head on each block's CLS token;
   depth-aware FedAvg (each weight averaged over the clients that trained

@@ -13,7 +13,7 @@ from tests.flowerkit import TINY, context, train_message
 
 def _sent_by_honest_0_and_attacker_1(handler, message_type: str, server_round: int) -> dict[int, dict[str, np.ndarray]]:
     """What partitions 0 (honest) and 1 (attacker, noise std 10) reply to the same message."""
-    cfg = {**TINY, "attack-partitions": "1", "attack-noise-std": 10.0}
+    cfg = {**TINY, "attack-partitions": "1", "attack-noise-std": 10.0, "topk-fraction": 1.0}  # the dense update
     msg = train_message(get_state(model_and_spec(validate(cfg))[0]), server_round=server_round)
     msg = Message(content=msg.content, dst_node_id=1, message_type=message_type)
     sent = {}

@@ -11,6 +11,8 @@ from core.records import to_numpy
 from runtime.models import model_and_spec
 from tests.flowerkit import TINY, context, train_message
 
+DENSE = {"topk-fraction": 1.0}  # the reply holds every parameter by its name (top-k packs them)
+
 
 @pytest.fixture(scope="module")
 def global_state():
@@ -20,7 +22,7 @@ def global_state():
 
 @pytest.mark.parametrize("depth,heads", [(3, "ridge"), (9, "ridge"), (3, "trained")])
 def test_reply_holds_exactly_what_the_client_trains_of_blocks_up_to_depth(global_state, depth, heads):
-    ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": depth}, {**TINY, "heads": heads})
+    ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": depth}, {**TINY, "heads": heads, **DENSE})
     out = train(train_message(global_state), ctx)
     sent = to_numpy(out.content.array_records["arrays"])
     # closed-form heads (the default) are fitted by the server: their zero deltas stay home
@@ -62,6 +64,6 @@ def test_the_received_arrays_are_found_under_the_name_the_strategy_gave_them(glo
     msg = train_message(global_state)
     msg.content["weights"] = msg.content.array_records["arrays"]
     del msg.content["arrays"]
-    ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": 3}, TINY)
+    ctx = context({"partition-id": 1, "num-partitions": 4, "max-depth": 3}, {**TINY, **DENSE})
     sent = to_numpy(train(msg, ctx).content.array_records["arrays"])
     assert set(sent) == {k for k in global_state if param_block(k) <= 3 and not k.startswith("heads.")}

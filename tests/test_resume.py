@@ -57,7 +57,9 @@ def _assert_same_arrays(a, b):
 def test_resume_after_ctrl_c_ends_at_the_configured_round_and_matches_an_uninterrupted_run(
     fake_grid, tmp_path, fresh_adapters
 ):
-    cfg = {**BASE, "output-dir": str(tmp_path), "checkpoint-every": 2}
+    # Dense updates: top-k's error-feedback residuals live on the nodes, and a resumed run's
+    # clients start without them (docs/running.md), so only a dense run resumes bit for bit.
+    cfg = {**BASE, "output-dir": str(tmp_path), "checkpoint-every": 2, "topk-fraction": 1.0}
 
     fresh_adapters()
     full_dir = run(fake_grid(NODES, cfg), {**cfg, "run-name": "full"})
