@@ -37,6 +37,9 @@ CFG = {
     "fraction-evaluate": 0.0,
     "personalize-epochs": 0,
     "run-name": "cut",
+    # dense updates: top-k's error-feedback residuals stay on the nodes, so only a dense run
+    # resumes to the uninterrupted run's weights bit for bit (docs/running.md)
+    "topk-fraction": 1.0,
 }
 
 
