@@ -118,14 +118,19 @@ def local_optimizer(model: AnytimeViT, names: set[str], s: TrainSettings):
     return make_optimizer(params, s.optimizer, s.lr, s.weight_decay, no_decay=no_decay(model, named)), params
 
 
-def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings) -> dict:
-    """Train the adapters/heads of blocks 1..depth; return mean loss per exit."""
-    # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
-    # weight decay (and FedProx's term) though the client never trains it.
-    # Local cross-entropy on a client's skewed labels would pull closed-form heads
-    # towards its own classes; the server refits them instead.
-    mine = set(sent_up_to(trainable_names(model), depth, s.clients_train_heads))
-    opt, params = local_optimizer(model, mine, s)
+def train_local(model: AnytimeViT, loader: DataLoader, depth: int, s: TrainSettings, opt=None) -> dict:
+    """Train the adapters/heads of blocks 1..depth; return mean loss per exit.
+
+    `opt`: an optimiser from `local_optimizer` to continue (its moments kept) instead of a
+    fresh one (what a client does every round)."""
+    if opt is None:
+        # Only blocks 1..depth: a deeper parameter given to AdamW would be moved by
+        # weight decay (and FedProx's term) though the client never trains it.
+        # Local cross-entropy on a client's skewed labels would pull closed-form heads
+        # towards its own classes; the server refits them instead.
+        mine = set(sent_up_to(trainable_names(model), depth, s.clients_train_heads))
+        opt, _ = local_optimizer(model, mine, s)
+    params = opt.params
     anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
     model.train()
     dev = model_device(model)

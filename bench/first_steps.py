@@ -36,9 +36,9 @@ CHECKPOINTS = (0, 1, 2, 5, 10, 20, 39, 50, 100, 150, 200, 247)
 
 def run(cfg: dict, nodes: int, steps: int) -> dict:
     t0 = time.time()
-    _, spec = model_and_spec(cfg)
+    base, spec = model_and_spec(cfg)
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg, model_and_spec(cfg)[0].num_classes)
+    model = build_model(cfg, base.num_classes)
     train = ConcatDataset([load_partition(cfg, spec, pid, nodes)[0] for pid in range(nodes)])
     sums, n = exit_statistics(model, DataLoader(train, batch_size=cfg["eval-batch-size"]), model.num_blocks)
     set_state(

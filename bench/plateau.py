@@ -34,7 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from adapters.build import build_model
 from adapters.head_fit import exit_statistics, solve_heads
 from adapters.state import get_state, set_state, trainable_names
-from adapters.training import TrainSettings, evaluate, exit_losses, local_optimizer, train_local
+from adapters.training import TrainSettings, evaluate, local_optimizer, train_local
 from core.config import defaults, parse_tiers, validate
 from core.naming import sent_up_to
 from fedtasks.task import load_partition, load_test
@@ -79,13 +79,14 @@ def main(argv=None) -> int:
     report["config"] = {k: cfg[k] for k in ("task", "lr", "local-epochs", "batch-size", "tiers", "token-adapter-width")}
     report["rows"] = rows = []
 
-    _, spec = model_and_spec(cfg)
+    base, spec = model_and_spec(cfg)
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg, model_and_spec(cfg)[0].num_classes)
+    model = build_model(cfg, base.num_classes)
     nodes = args.nodes
     parts = [load_partition(cfg, spec, pid, nodes) for pid in range(nodes)]
     if args.iid:
         parts = pooled(parts, nodes, cfg["seed"])
+    union = ConcatDataset([tr for tr, _ in parts])
     val = ConcatDataset([va for _, va in parts])
     test = load_test(cfg, spec)
     tiers = parse_tiers(cfg)
@@ -128,7 +129,6 @@ def main(argv=None) -> int:
         if args.central:
             s = TrainSettings.from_config(cfg, server_round=r)
             gen = torch.Generator().manual_seed(cfg["seed"] + r)
-            union = ConcatDataset([tr for tr, _ in parts])
             train_local(
                 model, DataLoader(union, batch_size=cfg["batch-size"], shuffle=True, generator=gen), max(depths), s
             )
@@ -144,19 +144,12 @@ def main(argv=None) -> int:
                 s = TrainSettings.from_config(cfg, server_round=r)
                 gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + pid * 7 + r)
                 loader = DataLoader(tr, batch_size=cfg["batch-size"], shuffle=True, generator=gen)
+                opt = None
                 if args.keep_optimizer:
                     if pid not in optimisers:
                         optimisers[pid] = local_optimizer(model, set(sent_up_to(names, d, False)), s)[0]
                     opt = optimisers[pid]
-                    model.train()
-                    for _ in range(s.epochs):
-                        for x, y in loader:
-                            total, _ = exit_losses(model(x, depth=d), y, s)
-                            opt.zero_grad(set_to_none=True)
-                            total.backward()
-                            opt.step()
-                else:
-                    train_local(model, loader, d, s)
+                train_local(model, loader, d, s, opt)
                 new = get_state(model)
                 for k in sent_up_to(names, d, False):
                     sums[k] = sums.get(k, 0) + len(tr) * (new[k].astype(np.float64) - start[k])
