@@ -4,9 +4,10 @@ The server asks for it with an `evaluate.personalize` message (after the
 last round), which Flower routes to `client_app.app.personalize_exits`. The
 client fine-tunes the exits it runs for `personalize-epochs` at
 `personalize-lr` on its training split, and reports validation accuracy per
-exit before and after, plus the training loss before and after. Only metrics travel back: the personalised
-weights never leave the client, and the model object (shared by every
-message this process handles) gets the received global weights back.
+exit before and after, plus the training loss before and after. Only
+metrics travel back: the personalised weights never leave the client, and
+the model object (shared by every message this process handles) gets the
+received global weights back.
 
 With closed-form heads (`heads` other than "trained") the server sends the
 federation's label counts instead, and personalisation moves each head's
@@ -107,9 +108,11 @@ def personalize(
             metrics["label-prior-differs"] = int(changed)
             if changed:
                 shift_to_own_labels(model, depth, own, federation_labels)
-        # a model left as it was scores as it did: no second pass over the data
-        after_train = evaluate(model, train_eval, depth) if changed else before_train
-        after_val = (evaluate(model, val, depth) if val else None) if changed else before_val
+        if changed:
+            after_train = evaluate(model, train_eval, depth)
+            after_val = evaluate(model, val, depth) if val else None
+        else:  # a model left as it was scores as it did: no second pass over the data
+            after_train, after_val = before_train, before_val
     finally:
         set_state(model, global_state)
     metrics["train-loss-before"] = float(np.mean(before_train["loss"]))

@@ -11,6 +11,8 @@ from tests.localgrid import ensure_task_identity
 ensure_task_identity()
 
 TINY = {"task": "digits", "backbone-weights": "", "local-epochs": 1, "batch-size": 16}
+# Dense updates: a reply then holds every parameter under its own name (top-k packs them).
+DENSE = {"topk-fraction": 1.0}
 
 
 def context(node_config: dict, run_config: dict, node_id: int = 1) -> Context:

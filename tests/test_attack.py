@@ -8,12 +8,12 @@ from client_app.app import head_statistics, train
 from core.config import validate
 from core.records import to_numpy
 from runtime.models import model_and_spec
-from tests.flowerkit import TINY, context, train_message
+from tests.flowerkit import DENSE, TINY, context, train_message
 
 
 def _sent_by_honest_0_and_attacker_1(handler, message_type: str, server_round: int) -> dict[int, dict[str, np.ndarray]]:
     """What partitions 0 (honest) and 1 (attacker, noise std 10) reply to the same message."""
-    cfg = {**TINY, "attack-partitions": "1", "attack-noise-std": 10.0, "topk-fraction": 1.0}  # the dense update
+    cfg = {**TINY, **DENSE, "attack-partitions": "1", "attack-noise-std": 10.0}
     msg = train_message(get_state(model_and_spec(validate(cfg))[0]), server_round=server_round)
     msg = Message(content=msg.content, dst_node_id=1, message_type=message_type)
     sent = {}

@@ -9,9 +9,7 @@ from core.config import validate
 from core.naming import param_block
 from core.records import to_numpy
 from runtime.models import model_and_spec
-from tests.flowerkit import TINY, context, train_message
-
-DENSE = {"topk-fraction": 1.0}  # the reply holds every parameter by its name (top-k packs them)
+from tests.flowerkit import DENSE, TINY, context, train_message
 
 
 @pytest.fixture(scope="module")
