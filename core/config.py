@@ -337,6 +337,14 @@ KEYS: tuple[Key, ...] = (
             _fraction,
         ),
         Key(
+            "head-influence",
+            5.0,
+            "With closed-form heads: a node is left out of an exit's fit when adding its statistics raises the "
+            "other nodes' squared error more than this many times as much as the median node's do (a made-up "
+            "data set, real data counted many times over; 0 = off). See docs/benchmarks.md.",
+            _non_negative,
+        ),
+        Key(
             "head-dp-epsilon",
             0.0,
             "With closed-form heads: differentially private statistics. Each node adds Gaussian noise to its G "

@@ -134,14 +134,7 @@ def fit_heads(
             c["num-examples"],
         )
     for s_ in screened:
-        log(
-            WARNING,
-            "%s: node %s left out of exits %s: the others' fit puts %s of its examples' class means in other classes",
-            label,
-            s_["node"],
-            s_["exits"],
-            s_["disagreement"],
-        )
+        log(WARNING, "%s: node %s left out of exits %s: %s", label, s_["node"], s_["exits"], "; ".join(s_["why"]))
     fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj, shifts)}
     summary = {
         "after-round": server_round,
@@ -221,14 +214,12 @@ def combine(accepted: list[dict], cfg: dict, dim: int) -> tuple[dict, dict, dict
         stats = [
             (*head_guard.exit_stats(accepted[j]["stats"], i, weights[j]), accepted[j]["n"] * weights[j]) for j in who
         ]
-        dropped = {} if private else head_guard.screen(stats, cfg["ridge-lambda"], cfg["head-screen"])
-        for idx, score in dropped.items():
+        dropped = {} if private else _screen(stats, cfg)
+        for idx, why in dropped.items():
             a = accepted[who[idx]]
-            entry = out.setdefault(
-                who[idx], {"node": a["node"], "partition-id": a["partition-id"], "exits": [], "disagreement": []}
-            )
+            entry = out.setdefault(who[idx], {"node": a["node"], "partition-id": a["partition-id"], "exits": [], "why": []})
             entry["exits"].append(i + 1)
-            entry["disagreement"].append(score)
+            entry["why"].append(f"exit {i + 1}: {why}")
         kept = [s for idx, s in enumerate(stats) if idx not in dropped]
         sums[stat_name(i, GRAM)] = pack_gram(sum(s[0] for s in kept))
         sums[stat_name(i, CROSS)] = sum(s[1] for s in kept)
@@ -236,6 +227,21 @@ def combine(accepted: list[dict], cfg: dict, dim: int) -> tuple[dict, dict, dict
         if private:
             shifts[i] = dp_shift([weights[j] * accepted[j]["noise-std"] for j in who], dim)
     return sums, counts, shifts, capped, [out[j] for j in sorted(out)]
+
+
+def _screen(stats: list[tuple], cfg: dict) -> dict[int, str]:
+    """Indices of one exit's `stats` left out, and why: first the nodes whose statistics raise the
+    others' error most (a fake data set would also skew the others' fit the label screen reads),
+    then, among the rest, those whose labels disagree with everyone else's."""
+    lam = cfg["ridge-lambda"]
+    out = {
+        i: f"adding its statistics raises the others' error {r}x the median node's"
+        for i, r in head_guard.influence_screen(stats, lam, cfg["head-influence"]).items()
+    }
+    rest = [i for i in range(len(stats)) if i not in out]
+    for j, score in head_guard.screen([stats[i] for i in rest], lam, cfg["head-screen"]).items():
+        out[rest[j]] = f"the others' fit puts {score} of its examples' class means in other classes"
+    return out
 
 
 def fits(run_dir: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from adapters.head_fit import (
     unpack_gram,
 )
 from client_app.head_attacks import poison
-from server_app.head_guard import cap_weights, check_statistics, disagreement, screen
+from server_app.head_guard import cap_weights, check_statistics, disagreement, influence, influence_screen, screen
 
 CLASSES, WIDTH, DEPTH = 5, 16, 2
 
@@ -186,6 +186,41 @@ def test_the_screen_leaves_out_a_node_whose_labels_disagree_with_everyone_elses(
     dropped = screen(attacked, 1e-6, 0.5)
     assert list(dropped) == [len(honest)] and dropped[len(honest)] > 0.5
     assert screen(attacked, 1e-6, 1.0) == {}  # 1 turns it off
+
+
+@pytest.mark.parametrize("mode", ["inflate-count", "fake-data"])
+def test_the_influence_screen_leaves_out_a_node_that_raises_everyone_elses_error(mode):
+    # honest nodes of unequal sizes, every class each: their influence stays near the median
+    nodes = [_node(s, n=40 + 10 * s) for s in range(6)]
+    honest = [_exit0(*nd) for nd in nodes]
+    scores = influence(honest, 1e-6)
+    assert (scores > 0).all() and scores.max() < 3 * np.median(scores)
+    assert influence_screen(honest, 1e-6, 5.0) == {}
+    bad, m = poison(mode, *_node(9), None)
+    weight = cap_weights({**{j: nd[1] for j, nd in enumerate(nodes)}, len(nodes): m}, 3.0)[len(nodes)]
+    attacked = honest + [_exit0(bad, m, weight)]
+    dropped = influence_screen(attacked, 1e-6, 5.0)
+    assert list(dropped) == [len(honest)] and dropped[len(honest)] > 5.0
+    assert influence_screen(attacked, 1e-6, 0.0) == {}  # 0 turns it off
+
+
+def test_influence_is_what_the_others_lose_when_a_node_joins():
+    """The shortcut (the total's loss minus the node's own) against the loss of every other
+    node computed one by one."""
+    from adapters.head_fit import ridge
+
+    stats = [_exit0(*_node(s)) for s in range(4)]
+
+    def loss(w, g, r, n):
+        return float(np.trace(w.T @ g @ w) - 2 * np.sum(w * r) + n)
+
+    g, r, n = (sum(s[k] for s in stats) for k in range(3))
+    w_all = ridge(g, r, n, 1e-6)
+    for j in range(4):
+        others = [s for i, s in enumerate(stats) if i != j]
+        w = ridge(sum(s[0] for s in others), sum(s[1] for s in others), sum(s[2] for s in others), 1e-6)
+        want = sum(loss(w_all, *s) - loss(w, *s) for s in others) / sum(s[2] for s in others)
+        assert influence(stats, 1e-6)[j] == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
 def test_a_projection_is_orthonormal_fixed_by_the_seed_and_fits_the_budget():
