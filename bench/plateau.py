@@ -69,14 +69,30 @@ def main(argv=None) -> int:
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--keep-optimizer", action="store_true")
     ap.add_argument("--sample", type=int, default=0, help="clients a round (0 = all)")
+    ap.add_argument(
+        "--train-heads",
+        choices=["", "random", "ridge"],
+        default="",
+        help="clients also train heads that the server averages and keeps from round to round, "
+        "started at random or from a ridge fit at --train-heads-lambda; the refit only reads out",
+    )
+    ap.add_argument("--train-heads-lambda", type=float, default=1e-2)
+    ap.add_argument(
+        "--train-lambda",
+        type=float,
+        default=0.0,
+        help="the adapters train against heads fitted at this ridge penalty each round (0 = the readout's)",
+    )
     ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = validate({**defaults(), **parse_overrides(args.run_config)})
+    if args.train_heads:
+        cfg["heads"] = "ridge-init"  # so that train_local trains the heads too
     out = args.out or str(RESULTS / f"plateau_{args.name}.json")
     report = Report("plateau", args)
-    report["config"] = {k: cfg[k] for k in ("task", "lr", "local-epochs", "batch-size", "tiers", "token-adapter-width")}
+    report["config"] = {k: cfg[k] for k in ("task", "lr", "local-epochs", "batch-size", "tiers", "token-adapter-width", "heads")}
     report["rows"] = rows = []
 
     base, spec = model_and_spec(cfg)
@@ -96,7 +112,7 @@ def main(argv=None) -> int:
     names = trainable_names(model)
     t0 = time.time()
 
-    def refit() -> None:
+    def refit(lam: float = 0.0) -> None:
         sums, counts = {}, {}
         for pid in range(nodes):
             s, n = exit_statistics(model, DataLoader(parts[pid][0], batch_size=bs), depths[pid])
@@ -104,7 +120,7 @@ def main(argv=None) -> int:
                 sums[k] = sums.get(k, 0) + v.astype(np.float64)
             for i in range(depths[pid]):
                 counts[i] = counts.get(i, 0) + n
-        set_state(model, solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"]))
+        set_state(model, solve_heads(sums, counts, lam or cfg["ridge-lambda"], cfg["ridge-scale"]))
 
     def record(r: int, when: str) -> None:
         t = np.array(evaluate(model, DataLoader(test, batch_size=bs), max(depths))["accuracy"])
@@ -122,10 +138,20 @@ def main(argv=None) -> int:
         print(f"{args.name} round {r} ({when}): test mean {t.mean():.4f}, val mean {v.mean():.4f}", flush=True)
         report.write(out)
 
+    heads = [k for k in names if k.startswith("heads.")]
+    kept = {k: v for k, v in get_state(model).items() if k in heads}  # the heads clients train
+    if args.train_heads == "ridge":
+        refit(args.train_heads_lambda)
+        kept = {k: v for k, v in get_state(model).items() if k in heads}
     refit()
     record(0, "fitted")
     optimisers: dict[int, object] = {}
+    train_heads = bool(args.train_heads)
     for r in range(1, args.rounds + 1):
+        if train_heads:
+            set_state(model, {**get_state(model), **kept})
+        elif args.train_lambda:
+            refit(args.train_lambda)
         if args.central:
             s = TrainSettings.from_config(cfg, server_round=r)
             gen = torch.Generator().manual_seed(cfg["seed"] + r)
@@ -147,18 +173,20 @@ def main(argv=None) -> int:
                 opt = None
                 if args.keep_optimizer:
                     if pid not in optimisers:
-                        optimisers[pid] = local_optimizer(model, set(sent_up_to(names, d, False)), s)[0]
+                        optimisers[pid] = local_optimizer(model, set(sent_up_to(names, d, train_heads)), s)[0]
                     opt = optimisers[pid]
                 train_local(model, loader, d, s, opt)
                 new = get_state(model)
-                for k in sent_up_to(names, d, False):
+                for k in sent_up_to(names, d, train_heads):
                     sums[k] = sums.get(k, 0) + len(tr) * (new[k].astype(np.float64) - start[k])
                     weights[k] = weights.get(k, 0) + len(tr)
             set_state(
                 model,
                 {**start, **{k: (start[k] + args.server_lr * sums[k] / weights[k]).astype(np.float32) for k in sums}},
             )
-        record(r, "stale")
+        if train_heads:
+            kept = {k: v for k, v in get_state(model).items() if k in heads}
+        record(r, "trained" if train_heads else "stale")
         refit()
         record(r, "refitted")
     report.write(out)
