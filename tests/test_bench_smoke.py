@@ -276,6 +276,12 @@ def test_plateau_writes_a_stale_and_a_refitted_row_per_round(tmp_path):
     assert all(len(r["test-per-exit"]) == 3 and 0 <= r["test-mean"] <= 1 for r in rows)
     assert plateau.main(["--name", "cen", "--central", "--iid", *base, *cfg]) == 0
     assert len(json.loads(out.read_text())["rows"]) == 3
+    # heads the clients train: the round's row reads them, the refit replaces them only to read out
+    assert plateau.main(["--name", "th", "--train-heads", "ridge", *base, *cfg]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["heads"] for r in rows] == ["fitted", "trained", "refitted"]
+    assert rows[1]["test-per-exit"] != rows[2]["test-per-exit"]
+    assert plateau.main(["--name", "tl", "--train-lambda", "1e-2", *base, *cfg]) == 0
 
 
 def test_first_steps_measures_the_fixed_heads_along_local_training(tmp_path):
