@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, check_attackers, check_heads_privacy, validate
+from core.config import ConfigError, check_attackers, check_heads_privacy, secagg_note, validate
 from strategies.registry import build_strategy
 
 
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"anytime-fl check-config: {err}", file=sys.stderr)
         return 2
+    note = secagg_note(cfg)
+    if note:  # a warning, so even --quiet says it
+        print(f"anytime-fl check-config: warning: {note}", file=sys.stderr)
     if not args.quiet:
         print(f"run config OK ({len(user)} keys set, the others at their defaults)")
     return 0

@@ -14,9 +14,10 @@ from core.codec import payload_bytes, topk_encode
 from core.config import clients_train_heads, parse_attackers, validate
 from core.naming import sent_up_to
 from core.records import arrays_of, to_numpy, to_record
+from core.secagg import STAGES
 from runtime.models import model_and_spec
 
-from . import watchdog
+from . import secagg, watchdog
 from .personalize import personalize
 from .tiers import client_depth, node_cache_dir, node_run_config, partition_of
 
@@ -24,6 +25,7 @@ from .tiers import client_depth, node_cache_dir, node_run_config, partition_of
 app = ClientApp(mods=[watchdog.mod])
 
 RESIDUAL = "topk-residual"
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_MASKED, SECAGG_UNMASK = STAGES
 
 
 def _setup(msg: Message, context: Context):
@@ -112,13 +114,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.query()
-def head_statistics(msg: Message, context: Context) -> Message:
-    """The sums a ridge-regression fit of exit heads 1..depth needs, over this node's training split.
-
-    Asked for before round 1 and every `head-refit-every` rounds unless `heads` is "trained"
-    (server_app/head_fit.py).
-    """
+def _head_sums(msg: Message, context: Context):
+    """This node's head statistics over its training split (noisy with `head-dp-epsilon`, poisoned
+    by an attacking partition), with what the reply and secure aggregation need beside them."""
     from adapters.head_fit import add_dp_noise, exit_statistics, feature_bound, noise_std, projection
 
     from .head_attacks import poison
@@ -133,14 +131,26 @@ def head_statistics(msg: Message, context: Context) -> Message:
     proj = projection(width, int(config.get("stat-dim", width)), int(config.get("stat-seed", cfg["seed"])))
     loader = DataLoader(train_ds, batch_size=cfg["eval-batch-size"])
     sums, seen = exit_statistics(model, loader, depth, proj)
-    if cfg["head-dp-epsilon"] > 0:
+    bounds = [feature_bound(received, i) for i in range(depth)]
+    std = noise_std(cfg, bounds)
+    if std > 0:
         # Fresh entropy, not the run's seed: noise the server could redraw would protect nothing.
-        std = noise_std(cfg, [feature_bound(received, i) for i in range(depth)])
         sums = add_dp_noise(sums, std, np.random.default_rng())
     if pid in parse_attackers(cfg):
         # Robustness benchmarks: the server's checks and screen must stop these (server_app/head_guard.py).
         server_round = int(config.get("server-round", 0))
         sums, seen = poison(cfg["attack-heads"], sums, seen, lambda s: attack_noise(cfg, pid, server_round, s))
+    return sums, seen, depth, pid, received, max(bounds), std
+
+
+@app.query()
+def head_statistics(msg: Message, context: Context) -> Message:
+    """The sums a ridge-regression fit of exit heads 1..depth needs, over this node's training split.
+
+    Asked for before round 1 and every `head-refit-every` rounds unless `heads` is "trained"
+    (server_app/head_fit.py).
+    """
+    sums, seen, depth, pid, received, _, _ = _head_sums(msg, context)
     metrics = {
         "num-examples": seen,
         "depth": depth,
@@ -150,6 +160,29 @@ def head_statistics(msg: Message, context: Context) -> Message:
     }
     content = RecordDict({"arrays": to_record(sums), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+# With `head-secagg` the statistics go through secure aggregation's four stages instead
+# (client_app/secagg.py): the first computes them, the others only exchange keys and masks.
+@app.query(SECAGG_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    sums, seen, depth, pid, received, bound, std = _head_sums(msg, context)
+    return secagg.keys(msg, context, sums, seen, depth, pid, bound, std, payload_bytes(received))
+
+
+@app.query(SECAGG_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return secagg.shares(msg, context)
+
+
+@app.query(SECAGG_MASKED)
+def secagg_masked(msg: Message, context: Context) -> Message:
+    return secagg.masked(msg, context)
+
+
+@app.query(SECAGG_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secagg.unmask(msg, context)
 
 
 @app.evaluate("personalize")

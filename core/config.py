@@ -140,6 +140,11 @@ def _seed(v):
     return None if 0 <= v < 2**32 else "must be in 0..4294967295"
 
 
+def _majority(v):
+    # Below half, two disjoint groups of nodes could each rebuild a node's secrets for a lying server.
+    return None if 0.5 <= v <= 1.0 else "must be between 0.5 and 1"
+
+
 def _device(v):
     if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
         return None
@@ -358,6 +363,21 @@ KEYS: tuple[Key, ...] = (
             1e-5,
             "With head-dp-epsilon: the delta of the run's differential privacy (below 1 / a node's examples).",
             _open_fraction,
+        ),
+        Key(
+            "head-secagg",
+            False,
+            "With closed-form heads: secure aggregation of the statistics (pairwise masks, Bonawitz et al.'s "
+            "SecAgg): the server reads only their sums per exit, never one node's, at 3 more message rounds per "
+            "fit and twice the bytes up; the per-node checks, head-weight-cap and head-screen are then off (only "
+            "the sum is checked). Composes with head-dp-epsilon. See docs/benchmarks.md.",
+        ),
+        Key(
+            "head-secagg-threshold",
+            0.5,
+            "With head-secagg: more than this share of the nodes that sent keys must stay to the end of a fit "
+            "(and at least 2), else the run stops; nodes that drop before that cost only their own statistics.",
+            _majority,
         ),
         Key(
             "logit-adjust",
@@ -681,6 +701,12 @@ def _check_together(cfg: dict[str, Any]) -> None:
             f"has {len(fractions)} fractions for {len(tiers)} tiers (tiers={cfg['tiers']!r}): give one per tier",
         )
     parse_tier_names(cfg)
+    if cfg["head-secagg"] and cfg["heads"] == "trained":
+        raise ConfigError(
+            "head-secagg",
+            "secures the closed-form heads' statistics, and heads = 'trained' sends none: "
+            "set heads = 'ridge' or 'ridge-init', or head-secagg = false",
+        )
     if cfg["adapter-width"] % cfg["adapter-heads"]:
         raise ConfigError(
             "adapter-heads", f"must divide adapter-width ({cfg['adapter-width']}), got {cfg['adapter-heads']}"
@@ -702,6 +728,17 @@ def check_heads_privacy(cfg: dict[str, Any]) -> None:
             f"differential privacy of {dp[0]} {cfg[dp[0]]!r}: set head-dp-epsilon > 0 (noisy statistics) or "
             'heads = "trained"',
         )
+
+
+def secagg_note(cfg: dict[str, Any]) -> str | None:
+    """What `head-secagg` gives up, for check-config and the ServerApp to say before round 1."""
+    if not cfg["head-secagg"] or cfg["heads"] == "trained":
+        return None
+    return (
+        "head-secagg: the server reads only the sums of the nodes' head statistics, so the poisoning "
+        "defences of the head fit are reduced to checks on the sum: no per-node check, head-weight-cap "
+        "or head-screen, and a node that sends made-up statistics cannot be found or left out"
+    )
 
 
 def head_fit_rounds(cfg: dict[str, Any]) -> list[int]:

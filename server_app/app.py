@@ -6,7 +6,7 @@ import os
 import random
 import sys
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from adapters.backbone import BackboneError
-from core.config import ConfigError, check_depths, check_heads_privacy, validate
+from core.config import ConfigError, check_depths, check_heads_privacy, secagg_note, validate
 from core.records import metrics_or_empty, to_numpy, to_record
 from fedtasks.base import DataError
 from fedtasks.task import load_test
@@ -27,6 +27,7 @@ from . import checkpoint, head_fit, lock, preflight, results
 from .evaluation import ServerEvaluator
 from .exchange import Exchange, SuperLinkUnavailable, duplicate_partitions, warn_duplicates
 from .finish import finish_run
+from .head_secagg import SecAggFailed
 from .nothing_accepted import NothingAccepted, nothing_accepted
 from .rundir import open_run_dir
 
@@ -45,10 +46,18 @@ _FLOWER_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 def main(grid: Grid, context: Context) -> None:
     try:
         run(grid, dict(context.run_config))
-    except (ConfigError, BackboneError, DataError, FileNotFoundError, SuperLinkUnavailable, NothingAccepted) as err:
-        # A configuration or data problem, a SuperLink that stayed away, or a round
-        # that accepted no reply (the last finished round is checkpointed): one clear
-        # line, not a traceback.
+    except (
+        ConfigError,
+        BackboneError,
+        DataError,
+        FileNotFoundError,
+        SuperLinkUnavailable,
+        NothingAccepted,
+        SecAggFailed,
+    ) as err:
+        # A configuration or data problem, a SuperLink that stayed away, a round
+        # that accepted no reply or a head fit too few nodes stayed to unmask (the
+        # last finished round is checkpointed): one clear line, not a traceback.
         log(ERROR, "anytime-fl stopped: %s", err)
         # Flower marks a run failed (and its process exits non-zero) only when
         # the ServerApp raises an Exception; a SystemExit counts as success.
@@ -63,6 +72,8 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     cfg = validate(user_cfg)
     strategy = build_strategy(cfg["strategy"], cfg)  # a bad name or argument stops here, before round 1
     check_heads_privacy(cfg)
+    if note := secagg_note(cfg):
+        log(WARNING, note)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, spec = model_and_spec(cfg)
     check_depths(cfg, model.num_blocks)

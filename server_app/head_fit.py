@@ -10,7 +10,9 @@ against what real features allow and its weight capped, and a node whose
 labels disagree with every other node's is left out of the exit's fit
 (server_app/head_guard.py); what is left out is logged and recorded with
 its reason. The sums carry no noise, which run() refuses for the
-differential-privacy strategies.
+differential-privacy strategies. With `head-secagg` the statistics come
+masked instead (server_app/head_secagg.py): the server reads only their
+sums, and only the sums are checked.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from core.naming import sent_up_to
 from core.records import arrays_of, metrics_or_empty, to_numpy
 from core.run_files import HEAD_FIT as FILE
 
-from . import head_guard
+from . import head_guard, head_secagg
 from .nothing_accepted import nothing_accepted
 
 
@@ -81,19 +83,87 @@ def fit_heads(
 ) -> tuple[dict[str, np.ndarray], dict | None]:
     """`arrays` with the heads of every exit some node runs replaced by the ridge fit on
     the features of the adapters in `arrays`; and a summary of the exchange. NothingAccepted
-    when no node's statistics could be used.
+    when no node's statistics could be used; with `head-secagg`, SecAggFailed when too few
+    nodes stay to unmask the sums.
 
     A node whose depth the rounds taught (`node_depth`) receives the arrays of its blocks only.
     """
     t0 = time.time()
     k, width = plan(arrays, cfg)
     proj = projection(width, k, cfg["seed"])
-    config = ConfigRecord({"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"]})
-    messages = by_depth(arrays, grid.get_node_ids(), node_depth, config, MessageType.QUERY)
+    config = {"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"]}
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
-    replies = send(messages, label)
     bounds = [feature_bound(arrays, i) for i in range(_num_exits(arrays))]
     noise = lambda depth: noise_std(cfg, bounds[:depth])  # noqa: E731  the std a node of that depth adds
+    if cfg["head-secagg"]:
+        sums, counts, shifts, part = head_secagg.secure_sums(
+            grid, send, arrays, node_depth, config, label, cfg, k + 1, bounds, noise
+        )
+        secure = part["secure-aggregation"]
+        if not counts:
+            reasons = [r["reason"] for r in secure["exits-refused"]] or ["no exit is sent by two or more nodes"]
+            raise nothing_accepted(label, secure["survivors"], reasons, cfg["round-timeout"])
+        part.update({"clients": secure["survivors"], "failed": len(part["left-out"]), "capped": [], "screened": []})
+    else:
+        sums, counts, shifts, part = _plain_sums(
+            grid, send, arrays, node_depth, config, label, cfg, k + 1, bounds, noise
+        )
+    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj, shifts)}
+    summary = {
+        "after-round": server_round,
+        # the federation's training labels per class: personalisation moves heads from this prior to a node's
+        "label-counts": [max(0, int(round(c))) for c in exit_label_counts(sums, federation_exit(counts))],
+        "clients": part["clients"],
+        "failed": part["failed"],
+        "left-out": part["left-out"],
+        "capped": part["capped"],
+        "screened": part["screened"],
+        "examples-per-exit": [int(round(counts.get(i, 0))) for i in range(max(counts) + 1)],
+        "features": {"sent": k, "width": width},
+        "bytes-up": part["bytes-up"],
+        "bytes-down": part["bytes-down"],
+        "seconds": round(time.time() - t0, 3),
+    }
+    if "secure-aggregation" in part:
+        summary["secure-aggregation"] = part["secure-aggregation"]
+    if cfg["head-dp-epsilon"] > 0:
+        summary["privacy"] = privacy_summary(cfg, bounds)
+    log(
+        INFO,
+        "%s: exits 1-%d fitted by ridge regression on %d nodes' features (%s examples per exit), up %.2f MB, %.1fs%s%s",
+        label,
+        max(counts) + 1,
+        summary["clients"],
+        "/".join(str(c) for c in summary["examples-per-exit"]),
+        summary["bytes-up"] / 1e6,
+        summary["seconds"],
+        _secure_note(summary.get("secure-aggregation")),
+        (
+            f"; differentially private statistics, the run's fits together ({cfg['head-dp-epsilon']:g}, "
+            f"{cfg['head-dp-delta']:g})-DP"
+            if "privacy" in summary
+            else ""
+        ),
+    )
+    return fitted, summary
+
+
+def _secure_note(secure: dict | None) -> str:
+    """The log line's account of a secure aggregation: what the server read, who dropped."""
+    if secure is None:
+        return ""
+    dropped = len(secure["dropped"])
+    return (
+        f"; secure aggregation: the server read only the sums of {secure['survivors']} of {secure['nodes']} nodes"
+        + (f" ({dropped} dropped after sharing keys, their masks removed)" if dropped else "")
+        + f", {secure['message-rounds']} message rounds"
+    )
+
+
+def _plain_sums(grid, send, arrays, node_depth, config, label, cfg, dim, bounds, noise):
+    """Every node's statistics in the clear, each checked, capped and screened, then summed."""
+    messages = by_depth(arrays, grid.get_node_ids(), node_depth, ConfigRecord(config), MessageType.QUERY)
+    replies = send(messages, label)
     accepted: list[dict] = []
     left_out: list[dict] = []
     shapes: dict[str, tuple] = {}
@@ -102,7 +172,7 @@ def fit_heads(
     for reply in replies:
         node = reply_node(reply, messages)
         try:
-            stats, depth, n, metrics = _check(reply, shapes, k + 1, bounds, noise)
+            stats, depth, n, metrics = _check(reply, shapes, dim, bounds, noise)
         except ValueError as err:
             pid = metrics_or_empty(reply.content).get("partition-id") if not reply.has_error() else None
             reasons.append(str(err))
@@ -123,7 +193,7 @@ def fit_heads(
         down += int(metrics.get("bytes-down", 0))
     if not accepted:
         raise nothing_accepted(label, len(replies), reasons, cfg["round-timeout"])
-    sums, counts, shifts, capped, screened = combine(accepted, cfg, k + 1)
+    sums, counts, shifts, capped, screened = combine(accepted, cfg, dim)
     for c in capped:
         log(
             WARNING,
@@ -135,41 +205,16 @@ def fit_heads(
         )
     for s_ in screened:
         log(WARNING, "%s: node %s left out of exits %s: %s", label, s_["node"], s_["exits"], "; ".join(s_["why"]))
-    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj, shifts)}
-    summary = {
-        "after-round": server_round,
-        # the federation's training labels per class: personalisation moves heads from this prior to a node's
-        "label-counts": [max(0, int(round(c))) for c in exit_label_counts(sums, federation_exit(counts))],
+    part = {
         "clients": len(accepted),
         "failed": len(left_out),
         "left-out": left_out,
         "capped": capped,
         "screened": screened,
-        "examples-per-exit": [int(round(counts[i])) for i in sorted(counts)],
-        "features": {"sent": k, "width": width},
         "bytes-up": up,
         "bytes-down": down,
-        "seconds": round(time.time() - t0, 3),
     }
-    if cfg["head-dp-epsilon"] > 0:
-        summary["privacy"] = privacy_summary(cfg, bounds)
-    log(
-        INFO,
-        "%s: exits 1-%d fitted by ridge regression on %d nodes' features (%s examples per exit), up %.2f MB, %.1fs%s",
-        label,
-        max(counts) + 1,
-        len(accepted),
-        "/".join(str(c) for c in summary["examples-per-exit"]),
-        up / 1e6,
-        summary["seconds"],
-        (
-            f"; differentially private statistics, the run's fits together ({cfg['head-dp-epsilon']:g}, "
-            f"{cfg['head-dp-delta']:g})-DP"
-            if "privacy" in summary
-            else ""
-        ),
-    )
-    return fitted, summary
+    return sums, counts, shifts, part
 
 
 def _num_exits(arrays: dict[str, np.ndarray]) -> int:

@@ -198,3 +198,15 @@ def exit_stats(stats: dict[str, np.ndarray], i: int, weight: float) -> tuple[np.
     return weight * unpack_gram(stats[stat_name(i, GRAM)].astype(np.float64)), weight * stats[
         stat_name(i, CROSS)
     ].astype(np.float64)
+
+
+def check_sum(upper: np.ndarray, cross: np.ndarray, bound: float, noise_std: float = 0.0) -> int:
+    """The example count behind a sum of nodes' statistics of one exit (G's corner), after the
+    checks of `check_statistics` on the sum: all that secure aggregation leaves to check.
+    ValueError names what no data set gives."""
+    gram = unpack_gram(np.asarray(upper, dtype=np.float64))
+    n = int(round(gram[-1, -1]))
+    if n < 1:
+        raise ValueError(f"G's constant corner is {gram[-1, -1]:.6g}, not a count of examples")
+    _check_exit(gram, np.asarray(cross, dtype=np.float64), n, bound, "the sum", noise_std)
+    return n

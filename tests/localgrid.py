@@ -23,7 +23,17 @@ def ensure_task_identity() -> None:
 
 class LocalGrid:
     def __init__(self, num_nodes: int, run_config: dict, node_configs: list[dict] | None = None):
-        from client_app.app import evaluate_exits, head_statistics, personalize_exits, train
+        from client_app.app import (
+            evaluate_exits,
+            head_statistics,
+            personalize_exits,
+            secagg_keys,
+            secagg_masked,
+            secagg_shares,
+            secagg_unmask,
+            train,
+        )
+        from server_app.head_secagg import KEYS, MASKED, SHARES, UNMASK
         from server_app.personalization import PERSONALIZE
 
         self.handlers = {
@@ -31,6 +41,10 @@ class LocalGrid:
             MessageType.EVALUATE: evaluate_exits,
             MessageType.QUERY: head_statistics,
             PERSONALIZE: personalize_exits,
+            KEYS: secagg_keys,
+            SHARES: secagg_shares,
+            MASKED: secagg_masked,
+            UNMASK: secagg_unmask,
         }
         self.node_ids = list(range(1, num_nodes + 1))
         node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]

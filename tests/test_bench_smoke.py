@@ -295,3 +295,18 @@ def test_first_steps_measures_the_fixed_heads_along_local_training(tmp_path):
     assert [c["step"] for c in rows["a"]["curve"]] == [0, 1, 2, 5]
     # a larger ridge penalty gives smaller head weights
     assert max(rows["b"]["head-weight-norms"]) < max(rows["a"]["head-weight-norms"])
+
+
+def test_heads_secagg_reports_bytes_seconds_and_the_heads_difference(tmp_path):
+    import heads_secagg
+
+    out = tmp_path / "secagg.json"
+    heads_secagg.main(
+        ["--nodes", "4", "--repeats", "1", "--run-config", "task='digits'", "tiers='1,2'", "--out", str(out)]
+    )
+    rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}
+    plain, secure = rows["plain, no cap or screen"], rows["head-secagg"]
+    assert plain["max-head-difference"] == 0 and secure["max-head-difference"] < 5e-3 * plain["largest-head-weight"]
+    assert 1.9 * plain["bytes-up-per-node"] < secure["bytes-up-per-node"] < 2.2 * plain["bytes-up-per-node"]
+    assert set(secure["bytes-up-per-stage-per-node"]) == {"keys", "shares", "masked", "unmask"}
+    assert secure["accuracy"] == plain["accuracy"]
