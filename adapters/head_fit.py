@@ -61,6 +61,33 @@ def projection(width: int, k: int, seed: int) -> np.ndarray | None:
     return np.ascontiguousarray(q.T)
 
 
+def projections(arrays: dict[str, np.ndarray], depth: int, k: int, seed: int) -> list[np.ndarray | None]:
+    """Per exit 1..depth, the (k, width) projection its statistics are sent on: orthonormal rows
+    that span the exit's current head weights first (the last fit's solution, which node and
+    server hold alike in `arrays`), then `projection`'s fixed random directions; None for every
+    exit when k >= width.
+
+    The frozen features tell the classes apart along directions in which they vary little, so
+    neither a random projection nor the features' principal directions keep them (each cost
+    1.4 points on the characters task at 155 of 192 features); the last fit's weights point
+    along them, and a refit on their span plus random directions is the full fit while the
+    adapters have not moved (docs/benchmarks.md section 2d). The first fit reads randomly
+    initialised heads: a random projection."""
+    out: list[np.ndarray | None] = []
+    for i in range(depth):
+        w = np.asarray(arrays[f"heads.{i}.fc.weight"], dtype=np.float64)
+        rand = projection(w.shape[1], k, seed)
+        if rand is None:
+            out.append(None)
+            continue
+        # at most half of the k rows: the rest keep reading new directions as the adapters move
+        _, sv, vt = np.linalg.svd(w, full_matrices=False)
+        lead = vt[: min(k // 2, int((sv > sv[:1].max(initial=0.0) * 1e-6).sum()))]
+        q, _ = np.linalg.qr(np.hstack([lead.T, rand.T]))
+        out.append(np.ascontiguousarray(q[:, :k].T))
+    return out
+
+
 def unpack_gram(upper: np.ndarray) -> np.ndarray:
     """The symmetric G from its upper triangle (row-major), in float64."""
     dim = int((np.sqrt(8 * len(upper) + 1) - 1) / 2)
@@ -77,20 +104,21 @@ def pack_gram(gram: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def exit_statistics(
-    model: AnytimeViT, loader: DataLoader, depth: int, proj: np.ndarray | None = None
+    model: AnytimeViT, loader: DataLoader, depth: int, proj: list | np.ndarray | None = None
 ) -> tuple[dict[str, np.ndarray], int]:
     """G (its upper triangle, row-major) and R of exits 1..depth over the loader's examples
-    (summed in float64, sent as float32), of the features times `proj` when given; and the
-    example count."""
+    (summed in float64, sent as float32), of the features times `proj` when given (one matrix
+    for every exit, or one per exit: `projections`); and the example count."""
     feats: dict[int, torch.Tensor] = {}
     hooks = [
         model.heads[i].fc.register_forward_hook(lambda _m, inp, _out, i=i: feats.__setitem__(i, inp[0]))
         for i in range(depth)
     ]
     dim, classes = model.heads[0].fc.in_features, model.num_classes
-    p = None if proj is None else torch.from_numpy(np.asarray(proj, dtype=np.float64)).T
-    if p is not None:
-        dim = p.shape[1]
+    per_exit = proj if isinstance(proj, list) else [proj] * depth
+    ps = [None if m is None else torch.from_numpy(np.asarray(m, dtype=np.float64)).T for m in per_exit]
+    if ps[0] is not None:
+        dim = ps[0].shape[1]
     gram = torch.zeros(depth, dim + 1, dim + 1, dtype=torch.float64)
     cross = torch.zeros(depth, dim + 1, classes, dtype=torch.float64)
     seen = 0
@@ -102,6 +130,7 @@ def exit_statistics(
             onehot = torch.nn.functional.one_hot(y.long(), classes).double()
             for i in range(depth):
                 f = feats[i].double().cpu()
+                p = ps[i]
                 phi = torch.cat([f if p is None else f @ p, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
                 gram[i] += phi.T @ phi
                 cross[i] += phi.T @ onehot
@@ -124,7 +153,7 @@ def solve_heads(
     counts: dict[int, float],
     lam: float,
     scale: float = 1.0,
-    proj: np.ndarray | None = None,
+    proj: list | np.ndarray | None = None,
     shifts: dict[int, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """heads.<i>.fc.weight/bias minimising the mean squared error to one-hot labels + lam |W|^2,
@@ -139,7 +168,8 @@ def solve_heads(
     logits whose softmax is confident where the scores are (early exit
     reads that confidence) and whose cross-entropy gradient in local
     training does not tear the fitted heads apart. Statistics of projected
-    features (`proj`) give weights on the projection, mapped back to phi.
+    features (`proj`: one matrix, or one per exit) give weights on the
+    projection, mapped back to phi.
     `shifts` per exit: added to G's diagonal (`dp_shift`, for noisy statistics).
     """
     heads: dict[str, np.ndarray] = {}
@@ -153,7 +183,8 @@ def solve_heads(
         gram, cross = unpack_gram(sums[stat_name(i, GRAM)]), sums[stat_name(i, CROSS)]
         w = scale * ridge(gram, cross, n, lam, (shifts or {}).get(i, 0.0))  # (D+1, C)
         bias = w[-1] + prior - _log_prior(sums, i)
-        weight = w[:-1].T if proj is None else w[:-1].T @ proj
+        p = proj[i] if isinstance(proj, list) else proj
+        weight = w[:-1].T if p is None else w[:-1].T @ p
         heads[f"heads.{i}.fc.weight"] = np.ascontiguousarray(weight, dtype=np.float32)
         heads[f"heads.{i}.fc.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
     return heads

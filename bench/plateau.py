@@ -32,7 +32,7 @@ from benchkit import RESULTS, Report, parse_overrides
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from adapters.build import build_model
-from adapters.head_fit import exit_statistics, solve_heads
+from adapters.head_fit import exit_statistics, projections, solve_heads
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, local_optimizer, train_local
 from core.config import defaults, parse_tiers, validate
@@ -92,7 +92,10 @@ def main(argv=None) -> int:
         cfg["heads"] = "ridge-init"  # so that train_local trains the heads too
     out = args.out or str(RESULTS / f"plateau_{args.name}.json")
     report = Report("plateau", args)
-    report["config"] = {k: cfg[k] for k in ("task", "lr", "local-epochs", "batch-size", "tiers", "token-adapter-width", "heads")}
+    report["config"] = {
+        k: cfg[k]
+        for k in ("task", "lr", "local-epochs", "batch-size", "tiers", "token-adapter-width", "heads", "head-features")
+    }
     report["rows"] = rows = []
 
     base, spec = model_and_spec(cfg)
@@ -114,13 +117,18 @@ def main(argv=None) -> int:
 
     def refit(lam: float = 0.0) -> None:
         sums, counts = {}, {}
+        width = model.heads[0].fc.in_features
+        k = cfg["head-features"] if 0 < cfg["head-features"] < width else width
+        # the run's own projections (head-features): the current heads' span, then random directions
+        proj = projections(get_state(model), max(depths), k, cfg["seed"])
         for pid in range(nodes):
-            s, n = exit_statistics(model, DataLoader(parts[pid][0], batch_size=bs), depths[pid])
+            loader = DataLoader(parts[pid][0], batch_size=bs)
+            s, n = exit_statistics(model, loader, depths[pid], proj[: depths[pid]])
             for k, v in s.items():
                 sums[k] = sums.get(k, 0) + v.astype(np.float64)
             for i in range(depths[pid]):
                 counts[i] = counts.get(i, 0) + n
-        set_state(model, solve_heads(sums, counts, lam or cfg["ridge-lambda"], cfg["ridge-scale"]))
+        set_state(model, solve_heads(sums, counts, lam or cfg["ridge-lambda"], cfg["ridge-scale"], proj))
 
     def record(r: int, when: str) -> None:
         t = np.array(evaluate(model, DataLoader(test, batch_size=bs), max(depths))["accuracy"])

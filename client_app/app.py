@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 def _head_sums(msg: Message, context: Context):
     """This node's head statistics over its training split (noisy with `head-dp-epsilon`, poisoned
     by an attacking partition), with what the reply and secure aggregation need beside them."""
-    from adapters.head_fit import add_dp_noise, exit_statistics, feature_bound, noise_std, projection
+    from adapters.head_fit import add_dp_noise, exit_statistics, feature_bound, noise_std, projections
 
     from .head_attacks import poison
 
@@ -127,8 +127,10 @@ def _head_sums(msg: Message, context: Context):
         raise ValueError(f"partition {pid} has no training examples")
     config = msg.content.config_records["config"]
     width = model.heads[0].fc.in_features
-    # the server says how many features the statistics keep (head-features) and the projection's seed
-    proj = projection(width, int(config.get("stat-dim", width)), int(config.get("stat-seed", cfg["seed"])))
+    # the server says how many features the statistics keep (head-features) and the projection's seed;
+    # the projections span the heads both sides hold (received), then random directions
+    k = int(config.get("stat-dim", width))
+    proj = projections(received, depth, k, int(config.get("stat-seed", cfg["seed"])))
     loader = DataLoader(train_ds, batch_size=cfg["eval-batch-size"])
     sums, seen = exit_statistics(model, loader, depth, proj)
     bounds = [feature_bound(received, i) for i in range(depth)]

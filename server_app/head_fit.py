@@ -35,7 +35,7 @@ from adapters.head_fit import (
     federation_exit,
     noise_std,
     pack_gram,
-    projection,
+    projections,
     solve_heads,
     stat_dim,
     stat_name,
@@ -90,7 +90,7 @@ def fit_heads(
     """
     t0 = time.time()
     k, width = plan(arrays, cfg)
-    proj = projection(width, k, cfg["seed"])
+    proj = projections(arrays, _num_exits(arrays), k, cfg["seed"])
     config = {"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"]}
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
     bounds = [feature_bound(arrays, i) for i in range(_num_exits(arrays))]
@@ -262,7 +262,9 @@ def combine(accepted: list[dict], cfg: dict, dim: int) -> tuple[dict, dict, dict
         dropped = {} if private else _screen(stats, cfg)
         for idx, why in dropped.items():
             a = accepted[who[idx]]
-            entry = out.setdefault(who[idx], {"node": a["node"], "partition-id": a["partition-id"], "exits": [], "why": []})
+            entry = out.setdefault(
+                who[idx], {"node": a["node"], "partition-id": a["partition-id"], "exits": [], "why": []}
+            )
             entry["exits"].append(i + 1)
             entry["why"].append(f"exit {i + 1}: {why}")
         kept = [s for idx, s in enumerate(stats) if idx not in dropped]

@@ -234,6 +234,32 @@ def test_a_projection_is_orthonormal_fixed_by_the_seed_and_fits_the_budget():
     assert stat_dim(10**9, 10, 192) == 192
 
 
+def test_a_refit_on_the_span_of_the_last_fit_is_the_full_fit():
+    """`projections`: orthonormal rows that hold the current heads' directions, so that the fit of
+    unchanged features on them is the fit on every feature (a random projection loses it)."""
+    from adapters.head_fit import projections, ridge
+
+    rng = np.random.default_rng(3)
+    h, y = rng.normal(0, 1, (400, 24)) * np.linspace(0.05, 1, 24), rng.integers(0, 4, 400)
+    phi = np.hstack([h, np.ones((400, 1))])
+    full = ridge(phi.T @ phi, phi.T @ np.eye(4)[y], 400, 1e-3)
+    first = {"heads.0.fc.weight": rng.normal(0, 1, (4, 24)), "heads.1.fc.weight": full[:-1].T}
+
+    def refit(p):
+        x = np.hstack([h @ p.T, np.ones((400, 1))])
+        sums = {stat_name(0, GRAM): pack_gram(x.T @ x), stat_name(0, CROSS): x.T @ np.eye(4)[y]}
+        heads = solve_heads(sums, {0: 400}, 1e-3, proj=[p])
+        return h @ heads["heads.0.fc.weight"].T + heads["heads.0.fc.bias"]
+
+    rand, span = projections(first, 2, 8, seed=5)
+    for p in (rand, span):
+        assert p.shape == (8, 24)
+        np.testing.assert_allclose(p @ p.T, np.eye(8), atol=1e-12)
+    np.testing.assert_allclose(refit(span), phi @ full, atol=1e-6)
+    assert np.abs(refit(rand) - phi @ full).max() > 1e-2
+    assert projections(first, 2, 24, seed=5) == [None, None]
+
+
 def test_heads_solved_on_projected_statistics_read_the_full_features():
     rng = np.random.default_rng(2)
     h, y = rng.normal(0, 1, (300, 24)), rng.integers(0, 3, 300)
