@@ -336,10 +336,10 @@ KEYS: tuple[Key, ...] = (
         ),
         Key(
             "head-screen",
-            0.5,
+            0.8,
             "With closed-form heads: a node is left out of an exit's fit when the other nodes' fit puts the class "
-            "means of a share of its examples in other classes that exceeds the other nodes' median share by more "
-            "than this (flipped labels; 1 = off).",
+            "means of a share d of its examples in other classes with (d - m) / (1 - m) above this, m the other "
+            "nodes' median share (flipped or rotated labels; 1 = off). See docs/benchmarks.md.",
             _fraction,
         ),
         Key(
