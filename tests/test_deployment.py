@@ -14,7 +14,9 @@ failure drills of docs/deployment.md sections 6 and 6b:
   same --database; deploy-run resubmits the run with resume=true and it
   completes, every round's row written once;
 - no `flwr-clientapp` process, on any node, may be left a minute after the
-  run completed (SuperNodes run through anytime_fl.supernode).
+  run completed (SuperNodes run through anytime_fl.supernode);
+- the two surviving nodes then fit the heads once in the clear and once by
+  secure aggregation (`head-secagg`), two more short runs: the same heads.
 
 Every process started here, and everything it spawned, is ended in the
 fixture's teardown, which fails if any survive. The whole federation runs in
@@ -35,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server_app import results
@@ -456,6 +459,34 @@ def deployment(tmp_path_factory):
         timing["clientapps-gone-after-end-s"] = time.monotonic() - ended
         left = {"stopped-node": _clientapps(base / f"node-{KILLED}-home"), "all": _clientapps(base)}
 
+        # The surviving nodes (depths 2 and 6) fit the heads before one round twice through the
+        # restarted SuperLink: in the clear, then by secure aggregation (four query messages
+        # each, the nodes' key material kept in Flower's per-run node state between them).
+        _wait_for("the stopped node to be offline", lambda: _online_nodes(user_env) == 2, deadline, watched, [])
+        head_runs = {}
+        for name, extra in (("plain", ""), ("secagg", " head-secagg=true")):
+            logs[f"run-{name}"] = base / f"deploy-run-{name}.log"
+            cfg = (
+                "num-server-rounds=1 local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
+                "fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' head-refit-every=0 "
+                f"output-dir='{out_dir}' run-name='{name}'{extra}"
+            )
+            with open(logs[f"run-{name}"], "wb") as fh:
+                extra_run = subprocess.Popen(
+                    [sys.executable, "-m", "anytime_fl.cli", "deploy-run", str(ROOT), CONNECTION]
+                    + ["--run-config", cfg, "--poll", "3", "--superlink-wait", "300"],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=ROOT,
+                    env={**user_env, "PYTHONPATH": str(ROOT)},
+                    preexec_fn=_die_with_parent,
+                )
+            procs.procs.append(extra_run)
+            _wait_for(f"the {name} head-fit run to end", lambda: extra_run.poll() is not None, deadline, watched, [])
+            assert extra_run.returncode == 0, _tail(logs[f"run-{name}"], 80)
+            head_runs[name] = out_dir / name
+
         # TLS is really on: the SuperLink's port verifies against our CA for the
         # address the nodes dial, and a client trusting only public CAs is refused.
         tls = {}
@@ -480,6 +511,7 @@ def deployment(tmp_path_factory):
             "statuses": statuses,
             "clientapps-left": left,
             "timing": timing,
+            "head-runs": head_runs,
         }
     finally:
         survivors = procs.stop()
@@ -556,3 +588,23 @@ def test_no_clientapp_process_outlives_its_supernode_or_its_run(deployment):
     left = deployment["clientapps-left"]
     assert left["stopped-node"] == [], left
     assert left["all"] == [], (left, deployment["timing"])
+
+
+@e2e
+def test_secure_aggregation_of_the_head_statistics_gives_the_heads_of_the_plain_fit(deployment):
+    """`head-secagg` across real processes: the same heads as the fit in the clear, to the
+    fixed-point tolerance, from sums the server unmasked with both nodes' shares."""
+    from safetensors.numpy import load_file
+
+    from core.run_files import WEIGHTS
+    from server_app import head_fit
+
+    runs = deployment["head-runs"]
+    plain, secure = (load_file(str(runs[name] / WEIGHTS)) for name in ("plain", "secagg"))
+    fit = head_fit.fits(runs["secagg"])[0]
+    assert fit["secure-aggregation"]["survivors"] == 2 and not fit["secure-aggregation"]["dropped"]
+    assert "secure-aggregation" not in head_fit.fits(runs["plain"])[0]
+    for i in (0, 1):  # the exits both nodes run; an exit one node runs is not fitted by secure sums
+        for part in ("weight", "bias"):
+            a, b = plain[f"heads.{i}.fc.{part}"], secure[f"heads.{i}.fc.{part}"]
+            np.testing.assert_allclose(b, a, atol=5e-3 * np.abs(a).max())
