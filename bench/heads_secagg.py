@@ -34,7 +34,7 @@ from tests.localgrid import LocalGrid
 
 WAYS = {
     "plain": {},
-    "plain, no cap or screen": {"head-weight-cap": 0.0, "head-screen": 1.0},
+    "plain, no cap or screen": {"head-weight-cap": 0.0, "head-influence": 0.0, "head-screen": 1.0},
     "head-secagg": {"head-secagg": True},
 }
 REFERENCE = "plain, no cap or screen"

@@ -370,8 +370,8 @@ KEYS: tuple[Key, ...] = (
             False,
             "With closed-form heads: secure aggregation of the statistics (pairwise masks, Bonawitz et al.'s "
             "SecAgg): the server reads only their sums per exit, never one node's, at 3 more message rounds per "
-            "fit and twice the bytes up; the per-node checks, head-weight-cap and head-screen are then off (only "
-            "the sum is checked). Composes with head-dp-epsilon. See docs/benchmarks.md.",
+            "fit and twice the bytes up; the per-node checks, head-weight-cap, head-influence and head-screen are "
+            "then off (only the sum is checked). Composes with head-dp-epsilon. See docs/benchmarks.md.",
         ),
         Key(
             "head-secagg-threshold",
@@ -737,8 +737,8 @@ def secagg_note(cfg: dict[str, Any]) -> str | None:
         return None
     return (
         "head-secagg: the server reads only the sums of the nodes' head statistics, so the poisoning "
-        "defences of the head fit are reduced to checks on the sum: no per-node check, head-weight-cap "
-        "or head-screen, and a node that sends made-up statistics cannot be found or left out"
+        "defences of the head fit are reduced to checks on the sum: no per-node check, head-weight-cap, "
+        "head-influence or head-screen, and a node that sends made-up statistics cannot be found or left out"
     )
 
 

@@ -27,7 +27,7 @@ from tests.localgrid import LocalGrid
 
 # tiers 1,2 over 6 nodes: depths 1,2,1,2,1,2. The plain fit's defences off, so both fits sum the same nodes.
 NODES = 6
-CFG = {**TINY, "head-refit-every": 0, "head-weight-cap": 0.0, "head-screen": 1.0}
+CFG = {**TINY, "head-refit-every": 0, "head-weight-cap": 0.0, "head-influence": 0.0, "head-screen": 1.0}
 
 
 class Recording(LocalGrid):
