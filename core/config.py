@@ -323,7 +323,7 @@ KEYS: tuple[Key, ...] = (
             "the head's input on the directions of the exit's current head, then fixed random directions drawn "
             "from the seed (0 or at least the input's width = every feature, no projection). "
             "bench/communication.py prints the width whose statistics cost one dense adapter update (155 of 192 "
-            "on the default task: 62 classes); there it cost 0.9 points at the first fit, 0.6-0.8 after refits. "
+            "on the default task: 62 classes); there it cost 1.1-1.3 points at the first fit, 0.6-0.8 after refits. "
             "See docs/benchmarks.md.",
             _non_negative,
         ),
