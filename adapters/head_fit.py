@@ -13,10 +13,10 @@ most of its accuracy (docs/benchmarks.md).
 
 Bytes: G grows with the square of the feature width, so the statistics
 travel in float32 (the server sums and solves in float64) and, where the
-features are wider than the budget allows, as the sums of a fixed random
-projection of phi (orthonormal rows, drawn from the run's seed): the heads
-are fitted in the projected space and mapped back (`stat_dim`,
-`projection`). The default budget is one dense adapter update of the same
+features are wider than the budget allows, as the sums of a projection of
+phi per exit (orthonormal rows: the exit's current head directions, then
+fixed random ones drawn from the run's seed): the heads are fitted in the
+projected space and mapped back (`stat_dim`, `projections`). The default budget is one dense adapter update of the same
 depth (docs/benchmarks.md).
 """
 
@@ -104,18 +104,18 @@ def pack_gram(gram: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def exit_statistics(
-    model: AnytimeViT, loader: DataLoader, depth: int, proj: list | np.ndarray | None = None
+    model: AnytimeViT, loader: DataLoader, depth: int, proj: list | None = None
 ) -> tuple[dict[str, np.ndarray], int]:
     """G (its upper triangle, row-major) and R of exits 1..depth over the loader's examples
-    (summed in float64, sent as float32), of the features times `proj` when given (one matrix
-    for every exit, or one per exit: `projections`); and the example count."""
+    (summed in float64, sent as float32), of the features times `proj[i]` at exit i when given
+    (`projections`); and the example count."""
     feats: dict[int, torch.Tensor] = {}
     hooks = [
         model.heads[i].fc.register_forward_hook(lambda _m, inp, _out, i=i: feats.__setitem__(i, inp[0]))
         for i in range(depth)
     ]
     dim, classes = model.heads[0].fc.in_features, model.num_classes
-    per_exit = proj if isinstance(proj, list) else [proj] * depth
+    per_exit = proj if proj is not None else [None] * depth
     ps = [None if m is None else torch.from_numpy(np.asarray(m, dtype=np.float64)).T for m in per_exit]
     if ps[0] is not None:
         dim = ps[0].shape[1]
@@ -153,7 +153,7 @@ def solve_heads(
     counts: dict[int, float],
     lam: float,
     scale: float = 1.0,
-    proj: list | np.ndarray | None = None,
+    proj: list | None = None,
     shifts: dict[int, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """heads.<i>.fc.weight/bias minimising the mean squared error to one-hot labels + lam |W|^2,
@@ -168,8 +168,8 @@ def solve_heads(
     logits whose softmax is confident where the scores are (early exit
     reads that confidence) and whose cross-entropy gradient in local
     training does not tear the fitted heads apart. Statistics of projected
-    features (`proj`: one matrix, or one per exit) give weights on the
-    projection, mapped back to phi.
+    features (`proj`, one matrix per exit: `projections`) give weights on
+    the projection, mapped back to phi.
     `shifts` per exit: added to G's diagonal (`dp_shift`, for noisy statistics).
     """
     heads: dict[str, np.ndarray] = {}
@@ -183,7 +183,7 @@ def solve_heads(
         gram, cross = unpack_gram(sums[stat_name(i, GRAM)]), sums[stat_name(i, CROSS)]
         w = scale * ridge(gram, cross, n, lam, (shifts or {}).get(i, 0.0))  # (D+1, C)
         bias = w[-1] + prior - _log_prior(sums, i)
-        p = proj[i] if isinstance(proj, list) else proj
+        p = None if proj is None else proj[i]
         weight = w[:-1].T if p is None else w[:-1].T @ p
         heads[f"heads.{i}.fc.weight"] = np.ascontiguousarray(weight, dtype=np.float32)
         heads[f"heads.{i}.fc.bias"] = np.ascontiguousarray(bias, dtype=np.float32)

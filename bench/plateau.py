@@ -146,18 +146,19 @@ def main(argv=None) -> int:
         print(f"{args.name} round {r} ({when}): test mean {t.mean():.4f}, val mean {v.mean():.4f}", flush=True)
         report.write(out)
 
-    heads = [k for k in names if k.startswith("heads.")]
-    kept = {k: v for k, v in get_state(model).items() if k in heads}  # the heads clients train
+    def heads_now() -> dict:
+        return {k: v for k, v in get_state(model).items() if k.startswith("heads.")}
+
     if args.train_heads == "ridge":
         refit(args.train_heads_lambda)
-        kept = {k: v for k, v in get_state(model).items() if k in heads}
+    kept = heads_now()  # the heads clients train, with --train-heads
     refit()
     record(0, "fitted")
     optimisers: dict[int, object] = {}
     train_heads = bool(args.train_heads)
     for r in range(1, args.rounds + 1):
         if train_heads:
-            set_state(model, {**get_state(model), **kept})
+            set_state(model, kept)
         elif args.train_lambda:
             refit(args.train_lambda)
         if args.central:
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
                 {**start, **{k: (start[k] + args.server_lr * sums[k] / weights[k]).astype(np.float32) for k in sums}},
             )
         if train_heads:
-            kept = {k: v for k, v in get_state(model).items() if k in heads}
+            kept = heads_now()
         record(r, "trained" if train_heads else "stale")
         refit()
         record(r, "refitted")

@@ -173,6 +173,13 @@ def _exit0(stats, n, weight=1.0):
     )
 
 
+def _with_attacker(nodes, mode):
+    """Exit 1's statistics of `nodes` and, last, of an attacker poisoned `mode`'s way, its weight capped."""
+    bad, m = poison(mode, *_node(9), None)
+    weight = cap_weights({**{j: nd[1] for j, nd in enumerate(nodes)}, len(nodes): m}, 3.0)[len(nodes)]
+    return [_exit0(*nd) for nd in nodes] + [_exit0(bad, m, weight)]
+
+
 @pytest.mark.parametrize("mode", ["rotate-labels", "fake-data"])
 def test_the_screen_leaves_out_a_node_whose_labels_disagree_with_everyone_elses(mode):
     # label-skewed honest nodes: two or three classes each; node 5 alone has class 4
@@ -180,9 +187,7 @@ def test_the_screen_leaves_out_a_node_whose_labels_disagree_with_everyone_elses(
     honest = [_exit0(*nd) for nd in nodes]
     assert disagreement(honest, 1e-6).max() < 0.1
     assert screen(honest, 1e-6, 0.5) == {}  # the node alone with class 4 is not judged on it
-    bad, m = poison(mode, *_node(9), None)
-    weight = cap_weights({**{j: nd[1] for j, nd in enumerate(nodes)}, len(nodes): m}, 3.0)[len(nodes)]
-    attacked = honest + [_exit0(bad, m, weight)]
+    attacked = _with_attacker(nodes, mode)
     dropped = screen(attacked, 1e-6, 0.5)
     assert list(dropped) == [len(honest)] and dropped[len(honest)] > 0.5
     assert screen(attacked, 1e-6, 1.0) == {}  # 1 turns it off
@@ -196,9 +201,7 @@ def test_the_influence_screen_leaves_out_a_node_that_raises_everyone_elses_error
     scores = influence(honest, 1e-6)
     assert (scores > 0).all() and scores.max() < 3 * np.median(scores)
     assert influence_screen(honest, 1e-6, 5.0) == {}
-    bad, m = poison(mode, *_node(9), None)
-    weight = cap_weights({**{j: nd[1] for j, nd in enumerate(nodes)}, len(nodes): m}, 3.0)[len(nodes)]
-    attacked = honest + [_exit0(bad, m, weight)]
+    attacked = _with_attacker(nodes, mode)
     dropped = influence_screen(attacked, 1e-6, 5.0)
     assert list(dropped) == [len(honest)] and dropped[len(honest)] > 5.0
     assert influence_screen(attacked, 1e-6, 0.0) == {}  # 0 turns it off
@@ -266,7 +269,7 @@ def test_heads_solved_on_projected_statistics_read_the_full_features():
     p = projection(24, 10, seed=1)
     phi = np.hstack([h @ p.T, np.ones((300, 1))])
     sums = {stat_name(0, GRAM): pack_gram(phi.T @ phi), stat_name(0, CROSS): phi.T @ np.eye(3)[y]}
-    heads = solve_heads(sums, {0: 300}, 1e-3, proj=p)
+    heads = solve_heads(sums, {0: 300}, 1e-3, proj=[p])
     assert heads["heads.0.fc.weight"].shape == (3, 24)
     w = np.linalg.solve(phi.T @ phi / 300 + 1e-3 * np.eye(11), phi.T @ np.eye(3)[y] / 300)
     np.testing.assert_allclose(h @ heads["heads.0.fc.weight"].T + heads["heads.0.fc.bias"], phi @ w, atol=1e-5)
