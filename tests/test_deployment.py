@@ -64,6 +64,11 @@ LINK_KILLED_ROUND = FULL_ROUNDS + 2
 NUM_ROUNDS = FULL_ROUNDS + 3
 STALL_S = 30  # upload-stall-timeout, at its default
 CONNECTION = "anytime-test"
+# Every run here: a small, fast federation (a random backbone) at the three nodes' depths.
+RUN_CONFIG = (
+    "local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 fraction-evaluate=0.0 personalize-epochs=0 "
+    "tiers='2,4,6' backbone-weights=''"
+)
 
 
 def _exe(name: str) -> str:
@@ -180,6 +185,21 @@ class Processes:
                 pass
         time.sleep(0.5)
         return [p for p in self.seen if _alive(p)]
+
+
+def _deploy_run(log: Path, run_config: str, env: dict[str, str], superlink_wait: int) -> subprocess.Popen:
+    """`anytime-fl deploy-run` of this app through the test's SuperLink connection, as a user runs it."""
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "anytime_fl.cli", "deploy-run", str(ROOT), CONNECTION, "--run-config", run_config]
+            + ["--poll", "3", "--superlink-wait", str(superlink_wait)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            preexec_fn=_die_with_parent,
+        )
 
 
 def _wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen], logs: list[Path], every=1.0):
@@ -343,35 +363,9 @@ def deployment(tmp_path_factory):
         )
 
         out_dir = base / "outputs"
-        run_config = (
-            f"num-server-rounds={NUM_ROUNDS} local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
-            f"fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' "
-            f"output-dir='{out_dir}' run-name='deploy'"
-        )
+        run_config = f"num-server-rounds={NUM_ROUNDS} {RUN_CONFIG} output-dir='{out_dir}' run-name='deploy'"
         logs["flwr-run"] = base / "deploy-run.log"
-        with open(logs["flwr-run"], "wb") as fh:
-            run = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "anytime_fl.cli",
-                    "deploy-run",
-                    str(ROOT),
-                    CONNECTION,
-                    "--run-config",
-                    run_config,
-                    "--poll",
-                    "3",
-                    "--superlink-wait",
-                    "600",
-                ],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env={**user_env, "PYTHONPATH": str(ROOT)},
-                preexec_fn=_die_with_parent,
-            )
+        run = _deploy_run(logs["flwr-run"], run_config, user_env, superlink_wait=600)
         procs.procs.append(run)
         run_dir = out_dir / "deploy"
         watched = [link, *nodes]
@@ -466,22 +460,8 @@ def deployment(tmp_path_factory):
         head_runs = {}
         for name, extra in (("plain", ""), ("secagg", " head-secagg=true")):
             logs[f"run-{name}"] = base / f"deploy-run-{name}.log"
-            cfg = (
-                "num-server-rounds=1 local-epochs=1 batch-size=32 min-nodes=2 fraction-train=1.0 "
-                "fraction-evaluate=0.0 personalize-epochs=0 tiers='2,4,6' backbone-weights='' head-refit-every=0 "
-                f"output-dir='{out_dir}' run-name='{name}'{extra}"
-            )
-            with open(logs[f"run-{name}"], "wb") as fh:
-                extra_run = subprocess.Popen(
-                    [sys.executable, "-m", "anytime_fl.cli", "deploy-run", str(ROOT), CONNECTION]
-                    + ["--run-config", cfg, "--poll", "3", "--superlink-wait", "300"],
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=ROOT,
-                    env={**user_env, "PYTHONPATH": str(ROOT)},
-                    preexec_fn=_die_with_parent,
-                )
+            cfg = f"num-server-rounds=1 {RUN_CONFIG} head-refit-every=0 output-dir='{out_dir}' run-name='{name}'{extra}"
+            extra_run = _deploy_run(logs[f"run-{name}"], cfg, user_env, superlink_wait=300)
             procs.procs.append(extra_run)
             _wait_for(f"the {name} head-fit run to end", lambda: extra_run.poll() is not None, deadline, watched, [])
             assert extra_run.returncode == 0, _tail(logs[f"run-{name}"], 80)
