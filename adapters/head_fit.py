@@ -12,12 +12,14 @@ most of its accuracy (docs/benchmarks.md).
 (numpy only).
 
 Bytes: G grows with the square of the feature width, so the statistics
-travel in float32 (the server sums and solves in float64) and, where the
-features are wider than the budget allows, as the sums of a projection of
-phi per exit (orthonormal rows: the exit's current head directions, then
-fixed random ones drawn from the run's seed): the heads are fitted in the
-projected space and mapped back (`stat_dim`, `projections`). The default budget is one dense adapter update of the same
-depth (docs/benchmarks.md).
+travel in fixed point around the node's mean (adapters/head_codec.py; the
+server sums and solves in float64) and, where the features are wider than
+the budget allows, as the sums of a projection of phi per exit
+(orthonormal rows: the exit's current head directions, then fixed random
+ones drawn from the run's seed): the heads are fitted in the projected
+space and mapped back (`projections`; head_codec.stat_dim gives the width).
+The default budget is one dense adapter update of the same depth
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,15 +40,6 @@ CROSS = "cross"
 def stat_name(exit_index: int, kind: str) -> str:
     """Statistics are named like the head they fit (heads.<i>.*), so depth rules apply to them."""
     return f"heads.{exit_index}.fc.{kind}"
-
-
-def stat_dim(budget: int, classes: int, width: int) -> int:
-    """The widest projection k <= width whose statistics per exit (G of the k features and the
-    constant, its upper triangle, and R) hold at most `budget` numbers."""
-    k = width
-    while k > 1 and (k + 1) * (k + 2) // 2 + (k + 1) * classes > budget:
-        k -= 1
-    return k
 
 
 def projection(width: int, k: int, seed: int) -> np.ndarray | None:
@@ -107,7 +100,7 @@ def exit_statistics(
     model: AnytimeViT, loader: DataLoader, depth: int, proj: list | None = None
 ) -> tuple[dict[str, np.ndarray], int]:
     """G (its upper triangle, row-major) and R of exits 1..depth over the loader's examples
-    (summed in float64, sent as float32), of the features times `proj[i]` at exit i when given
+    (float64; adapters/head_codec.py encodes them for the wire), of the features times `proj[i]` at exit i when given
     (`projections`); and the example count."""
     feats: dict[int, torch.Tensor] = {}
     hooks = [
@@ -141,10 +134,9 @@ def exit_statistics(
     out = {}
     upper = np.triu_indices(dim + 1)  # G is symmetric: half of it travels
     for i in range(depth):
-        # float32 on the wire: summed and solved in float64 on the server, the
-        # fit's test accuracy is that of float64 statistics (docs/benchmarks.md)
-        out[stat_name(i, GRAM)] = gram[i].numpy()[upper].astype(np.float32)
-        out[stat_name(i, CROSS)] = cross[i].numpy().astype(np.float32)
+        # float64 here: adapters/head_codec.py decides what travels
+        out[stat_name(i, GRAM)] = gram[i].numpy()[upper]
+        out[stat_name(i, CROSS)] = cross[i].numpy()
     return out, seen
 
 
@@ -268,7 +260,7 @@ def add_dp_noise(sums: dict[str, np.ndarray], std: float, rng: np.random.Generat
         noisy = value.astype(np.float64) + rng.normal(0.0, std, value.shape)
         if name.endswith(GRAM):
             noisy[-1] = value[-1]  # the row-major upper triangle ends with the corner
-        out[name] = noisy.astype(np.float32)
+        out[name] = noisy
     return out
 
 

@@ -14,9 +14,10 @@ serialises). Rows:
   clients train them (`heads` "trained" or "ridge-init");
 - with closed-form heads (`heads` other than "trained", the default
   "ridge"): the statistics a depth-d node sends per head fit
-  (adapters/head_fit.py), as sent now (float32, every feature by
-  default, `head-features`), projected to the width that fits one dense
-  adapter update, and as sent before (float64, every feature).
+  (adapters/head_codec.py), as sent now (`head-bits` fixed point, every
+  feature by default, `head-features`), projected to the width that fits
+  one dense adapter update at those bits, and as sent before (float32,
+  then float64, every feature).
 
 Downlink (what the server sends a client of that tier) is the dense
 float32 state of the same parameters.
@@ -37,6 +38,7 @@ from benchkit import RESULTS, Report, human_bytes, parse_overrides, table
 from adapters.backbone import load_backbone
 from adapters.build import with_adapters
 from adapters.compat import import_timm
+from adapters.head_codec import encode
 from adapters.head_fit import CROSS, GRAM, stat_name
 from adapters.state import get_state, trainable_names
 from core.codec import payload_bytes, topk_encode
@@ -67,14 +69,14 @@ def encoded(delta: dict[str, np.ndarray], fraction: float) -> int:
     return payload_bytes(payload)
 
 
-def statistics_shapes(depth: int, dim: int, classes: int, dtype) -> dict[str, np.ndarray]:
-    """Arrays shaped like a depth-`depth` node's head statistics of `dim` features (values do not
-    change their encoded size)."""
+def statistics_shapes(depth: int, dim: int, classes: int, bits) -> dict[str, np.ndarray]:
+    """What a depth-`depth` node sends as head statistics of `dim` features at `bits` (0 = float32,
+    "float64" = before float32); values do not change the encoded size."""
     out = {}
     for i in range(depth):
-        out[stat_name(i, GRAM)] = np.zeros((dim + 1) * (dim + 2) // 2, dtype)
-        out[stat_name(i, CROSS)] = np.zeros((dim + 1, classes), dtype)
-    return out
+        out[stat_name(i, GRAM)] = np.zeros((dim + 1) * (dim + 2) // 2)
+        out[stat_name(i, CROSS)] = np.zeros((dim + 1, classes))
+    return out if bits == "float64" else encode(out, depth, bits)
 
 
 def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float], cfg: dict, batch: int) -> list[dict]:
@@ -125,17 +127,19 @@ def measure(name: str, num_classes: int, tiers: list[int], fractions: list[float
             state = get_state(model)
             k, width = plan(state, cfg)
             fit = fitting_features(state, cfg)
-            for label, dim, dtype in (
-                ("", k, np.float32),
-                (f", head-features={fit} (fits one dense update)", fit, np.float32),
-                (", before (float64, every feature)", width, np.float64),
+            bits = cfg["head-bits"]
+            for label, dim, how in (
+                (f" ({bits} bits)" if bits else " (float32)", k, bits),
+                (f", head-features={fit} (fits one dense update at {bits or 'float32'} bits)", fit, bits),
+                (", float32, every feature (before head-bits)", width, 0),
+                (", float64, every feature (before float32)", width, "float64"),
             ):
-                stats = statistics_shapes(depth, dim, num_classes, dtype)
+                stats = statistics_shapes(depth, dim, num_classes, how)
                 rows.append(
                     {
                         "method": f"head statistics, depth {depth}{label}",
                         "depth": depth,
-                        "params": int(sum(a.size for a in stats.values())),
+                        "params": depth * ((dim + 1) * (dim + 2) // 2 + (dim + 1) * num_classes),  # numbers
                         "up": payload_bytes(stats),
                         "down": down,  # the query carries the adapters of its blocks
                         "features": f"{dim} of {width}",

@@ -152,7 +152,11 @@ def head_statistics(msg: Message, context: Context) -> Message:
     Asked for before round 1 and every `head-refit-every` rounds unless `heads` is "trained"
     (server_app/head_fit.py).
     """
+    from adapters.head_codec import encode
+
     sums, seen, depth, pid, received, _, _ = _head_sums(msg, context)
+    # fixed point around the node's mean (head-bits): the server says how many bits, as it says the features
+    sums = encode(sums, depth, int(msg.content.config_records["config"].get("stat-bits", 0)))
     metrics = {
         "num-examples": seen,
         "depth": depth,

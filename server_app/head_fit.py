@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType
 from flwr.common.logger import log
 
+from adapters import head_codec
 from adapters.head_fit import (
     CROSS,
     GRAM,
@@ -37,7 +38,6 @@ from adapters.head_fit import (
     pack_gram,
     projections,
     solve_heads,
-    stat_dim,
     stat_name,
 )
 from core.config import clients_train_heads, head_fit_rounds
@@ -63,14 +63,14 @@ def plan(arrays: dict[str, np.ndarray], cfg: dict) -> tuple[int, int]:
 
 
 def fitting_features(arrays: dict[str, np.ndarray], cfg: dict) -> int:
-    """The widest k whose statistics per exit fit in what a node sends per block in one dense
-    adapter update, in float32: the `head-features` that makes a head fit cost no more. The update
-    is what the node sends: with `heads = "ridge"` its adapters, not the heads the server fits."""
+    """The widest k whose statistics per exit, at `head-bits`, fit in what a node sends per block in
+    one dense float32 adapter update: the `head-features` that makes a head fit cost no more. The
+    update is what the node sends: with `heads = "ridge"` its adapters, not the heads the server fits."""
     classes, width = arrays["heads.0.fc.weight"].shape
     exits = _num_exits(arrays)
     sent = sent_up_to(arrays, exits, clients_train_heads(cfg))
-    per_block = sum(arrays[k].size for k in sent) // exits
-    return stat_dim(per_block, classes, width)
+    per_block = 4 * sum(arrays[k].size for k in sent) // exits
+    return head_codec.stat_dim(per_block, classes, width, cfg["head-bits"])
 
 
 def fit_heads(
@@ -91,7 +91,7 @@ def fit_heads(
     t0 = time.time()
     k, width = plan(arrays, cfg)
     proj = projections(arrays, _num_exits(arrays), k, cfg["seed"])
-    config = {"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"]}
+    config = {"server-round": server_round, "stat-dim": k, "stat-seed": cfg["seed"], "stat-bits": cfg["head-bits"]}
     label = "head fit" if server_round == 0 else f"round {server_round} head refit"
     bounds = [feature_bound(arrays, i) for i in range(_num_exits(arrays))]
     noise = lambda depth: noise_std(cfg, bounds[:depth])  # noqa: E731  the std a node of that depth adds
@@ -162,6 +162,7 @@ def _secure_note(secure: dict | None) -> str:
 
 def _plain_sums(grid, send, arrays, node_depth, config, label, cfg, dim, bounds, noise):
     """Every node's statistics in the clear, each checked, capped and screened, then summed."""
+    classes = arrays["heads.0.fc.weight"].shape[0]
     messages = by_depth(arrays, grid.get_node_ids(), node_depth, ConfigRecord(config), MessageType.QUERY)
     replies = send(messages, label)
     accepted: list[dict] = []
@@ -172,7 +173,7 @@ def _plain_sums(grid, send, arrays, node_depth, config, label, cfg, dim, bounds,
     for reply in replies:
         node = reply_node(reply, messages)
         try:
-            stats, depth, n, metrics = _check(reply, shapes, dim, bounds, noise)
+            stats, depth, n, metrics = _check(reply, shapes, dim, bounds, noise, config["stat-bits"], classes)
         except ValueError as err:
             pid = metrics_or_empty(reply.content).get("partition-id") if not reply.has_error() else None
             reasons.append(str(err))
@@ -311,9 +312,10 @@ def record(run_dir: Path, summary: dict, cfg: dict) -> None:
 
 
 def _check(
-    reply: Message, shapes: dict[str, tuple], dim: int, bounds: list[float], noise
+    reply: Message, shapes: dict[str, tuple], dim: int, bounds: list[float], noise, bits: int, classes: int
 ) -> tuple[dict[str, np.ndarray], int, int, dict]:
-    """A reply's statistics, depth and example count; ValueError says what is wrong with it."""
+    """A reply's statistics (decoded from `bits`-bit fixed point, adapters/head_codec.py), depth and
+    example count; ValueError says what is wrong with it."""
     if reply.has_error():
         raise ValueError(reply.error.reason[:200])
     metrics = metrics_or_empty(reply.content)
@@ -322,10 +324,7 @@ def _check(
         raise ValueError(f"'depth' must be an integer in 1..{len(bounds)}, got {depth!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"'num-examples' must be an integer >= 1, got {n!r}")
-    stats = to_numpy(arrays_of(reply.content))
-    expected = {stat_name(i, kind) for i in range(depth) for kind in (GRAM, CROSS)}
-    if set(stats) != expected:
-        raise ValueError(f"expected the statistics of exits 1-{depth}, got {sorted(stats)[:4]}...")
+    stats = head_codec.decode(to_numpy(arrays_of(reply.content)), depth, dim, classes, bits)
     for k, v in stats.items():
         want = (dim * (dim + 1) // 2,) if k.endswith(GRAM) else None
         if want is not None and v.shape != want:

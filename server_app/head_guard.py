@@ -32,7 +32,8 @@ import numpy as np
 
 from adapters.head_fit import CROSS, GRAM, ridge, stat_name, unpack_gram
 
-# float32 statistics: about 7 significant digits, sums of up to ~1e5 examples
+# float32 statistics (head-bits 0): about 7 significant digits, sums of up to ~1e5 examples; at head-bits
+# the sum of phi and the counts are exact and the rest is within 2^-(bits-1) of the scatter around the mean
 RTOL = 1e-4
 
 

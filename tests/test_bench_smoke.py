@@ -49,6 +49,10 @@ def test_communication_orders_full_finetuning_above_adapters_above_topk(tmp_path
     assert full["up"] > d12["up"] > d3["up"]
     assert d12["up"] > rows["ours, depth 12, top-k 0.1"]["up"] > rows["ours, depth 12, top-k 0.01"]["up"]
     assert rows["ours, depth 12, top-k 0.1"]["up"] < 0.1 * d12["up"]
+    # a head fit at the default 22 bits costs less than one dense update, and under 3/4 of float32
+    stats = rows["head statistics, depth 12 (22 bits)"]
+    assert stats["up"] <= d12["up"]
+    assert stats["up"] < 0.75 * rows["head statistics, depth 12, float32, every feature (before head-bits)"]["up"]
 
 
 def test_speed_reports_throughput_memory_and_ratio_per_configuration(tmp_path):

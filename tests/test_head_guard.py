@@ -12,7 +12,6 @@ from adapters.head_fit import (
     pack_gram,
     projection,
     solve_heads,
-    stat_dim,
     stat_name,
     unpack_gram,
 )
@@ -226,15 +225,12 @@ def test_influence_is_what_the_others_lose_when_a_node_joins():
         assert influence(stats, 1e-6)[j] == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
-def test_a_projection_is_orthonormal_fixed_by_the_seed_and_fits_the_budget():
+def test_a_projection_is_orthonormal_and_fixed_by_the_seed():
     p = projection(40, 12, seed=7)
     np.testing.assert_allclose(p @ p.T, np.eye(12), atol=1e-12)
     np.testing.assert_array_equal(p, projection(40, 12, seed=7))
     assert not np.array_equal(p, projection(40, 12, seed=8))
     assert projection(40, 40, seed=7) is None
-    k = stat_dim(1000, 10, 192)
-    assert (k + 1) * (k + 2) // 2 + 10 * (k + 1) <= 1000 < (k + 2) * (k + 3) // 2 + 10 * (k + 2)
-    assert stat_dim(10**9, 10, 192) == 192
 
 
 def test_a_refit_on_the_span_of_the_last_fit_is_the_full_fit():
