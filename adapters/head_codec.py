@@ -4,12 +4,15 @@ G = sum phi phi^T of LayerNorm'd features is dominated by the features'
 mean, n mu mu^T; the directions that tell the classes apart vary little
 around it. Rounding G as it is, even to 24 bits fixed point, loses them
 (the fit falls from 0.38 to 0.29 on the characters task), and float16
-does too. Sent as what it is made of, the node's sum of phi and label
-counts exactly (float64) and the scatter around the node's mean,
-C = G - s s^T / n, and R - mu counts^T, rounded to `bits` with one scale
-per array, the fit is that of float32 statistics from 20 bits up and
-falls apart below 18 (docs/benchmarks.md section 2d). At 22 bits every
-feature of the default task costs less than one dense adapter update.
+does too. So a node sends what G is made of: its sum of phi and label
+counts exactly (float64), and the scatter around its mean,
+C = G - s s^T / n, and R - mu counts^T, with each feature divided by its
+own spread (sqrt C_jj, sent too) and then rounded to `bits` with one scale
+per array. Without that per-feature scale a few features of large
+variance set the step for all (4 digits nodes lost 9 points at 22 bits);
+with it the fit is that of float32 statistics from 16 bits up on the
+characters task (docs/benchmarks.md section 2d). At 22 bits every feature
+of the default task costs less than one dense adapter update.
 
 `bits` 0 sends G's upper triangle and R in float32 (before this codec).
 numpy only: the client encodes, the server decodes before it checks.
@@ -39,10 +42,12 @@ def encode(stats: dict[str, np.ndarray], depth: int, bits: int) -> dict[str, np.
         mean = total / total[-1] if total[-1] != 0 else np.zeros_like(total)
         scatter = gram[:-1, :-1] - np.outer(total[:-1], mean[:-1])
         centred = cross[:-1] - np.outer(mean[:-1], cross[-1])
+        spread = _spread(scatter)
+        scatter, centred = scatter / np.outer(spread, spread), centred / spread[:, None]
         (q_scatter, s_scatter), (q_cross, s_cross) = _round(pack_gram(scatter), bits), _round(centred.ravel(), bits)
         out[stat_name(i, GRAM)] = _pack(q_scatter, bits)
         out[stat_name(i, CROSS)] = _pack(q_cross, bits)
-        out[stat_name(i, MOMENTS)] = np.concatenate([[s_scatter, s_cross], total, cross[-1]])
+        out[stat_name(i, MOMENTS)] = np.concatenate([[s_scatter, s_cross], total, cross[-1], spread])
     return out
 
 
@@ -62,14 +67,18 @@ def decode(arrays: dict[str, np.ndarray], depth: int, dim: int, classes: int, bi
     for i in range(depth):
         g_name, r_name, m_name = (stat_name(i, kind) for kind in (GRAM, CROSS, MOMENTS))
         moments = np.asarray(arrays[m_name])
-        if moments.dtype != np.float64 or moments.shape != (2 + dim + classes,):
-            raise ValueError(f"{m_name}: {moments.dtype} {moments.shape}, not {2 + dim + classes} float64")
+        size = 2 + dim + classes + feats
+        if moments.dtype != np.float64 or moments.shape != (size,):
+            raise ValueError(f"{m_name}: {moments.dtype} {moments.shape}, not {size} float64")
         if not np.all(np.isfinite(moments)) or moments[0] < 0 or moments[1] < 0:
             raise ValueError(f"{m_name}: scales must be finite and non-negative")
-        (s_scatter, s_cross), total, counts = moments[:2], moments[2 : 2 + dim], moments[2 + dim :]
+        s_scatter, s_cross = moments[:2]
+        total, counts, spread = np.split(moments[2:], [dim, dim + classes])
         mean = total / total[-1] if total[-1] != 0 else np.zeros_like(total)
         scatter = unpack_gram(_unpack(arrays[g_name], feats * (feats + 1) // 2, bits, g_name) * s_scatter)
+        scatter *= np.outer(spread, spread)
         centred = _unpack(arrays[r_name], feats * classes, bits, r_name).reshape(feats, classes) * s_cross
+        centred *= spread[:, None]
         gram = np.empty((dim, dim))
         gram[:-1, :-1] = scatter + np.outer(total[:-1], mean[:-1])
         gram[:, -1] = gram[-1, :] = total
@@ -85,7 +94,7 @@ def exit_bytes(features: int, classes: int, bits: int) -> int:
     if bits == 0:
         return 4 * (dim * (dim + 1) // 2 + dim * classes)
     packed = lambda count: -(-count * bits // 8)  # noqa: E731
-    return packed(features * (features + 1) // 2) + packed(features * classes) + 8 * (2 + dim + classes)
+    return packed(features * (features + 1) // 2) + packed(features * classes) + 8 * (2 + dim + classes + features)
 
 
 def stat_dim(budget: int, classes: int, width: int, bits: int) -> int:
@@ -94,6 +103,13 @@ def stat_dim(budget: int, classes: int, width: int, bits: int) -> int:
     while k > 1 and exit_bytes(k, classes, bits) > budget:
         k -= 1
     return k
+
+
+def _spread(scatter: np.ndarray) -> np.ndarray:
+    """Each feature's root scatter (1 where it has none): dividing by it gives every feature the
+    same share of the bits, however unequal their variances."""
+    spread = np.sqrt(np.maximum(np.diag(scatter), 0.0))
+    return np.where(spread > 0, spread, 1.0)
 
 
 def _round(values: np.ndarray, bits: int) -> tuple[np.ndarray, float]:

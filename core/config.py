@@ -327,7 +327,7 @@ KEYS: tuple[Key, ...] = (
             "the head's input on the directions of the exit's current head, then fixed random directions drawn "
             "from the seed (0 or at least the input's width = every feature, no projection). "
             "bench/communication.py prints the widest whose statistics at head-bits cost one dense adapter "
-            "update: every feature on the default task, 230 of 384 on ViT-Tiny and 477 of 1536 on ViT-B at 100 "
+            "update: every feature on the default task, 228 of 384 on ViT-Tiny and 475 of 1536 on ViT-B at 100 "
             "classes (accuracy there not measured). See docs/benchmarks.md.",
             _non_negative,
         ),
@@ -335,10 +335,10 @@ KEYS: tuple[Key, ...] = (
             "head-bits",
             22,
             "With closed-form heads: bits per number of the statistics a node sends, fixed point around the "
-            "node's own feature mean (its feature sum and label counts travel exactly); 0 = float32 as they "
-            "are. 22 bits fit the float32 fit on the default task and cost 0.70x of float32, less than one "
-            "dense adapter update; below 20 bits the fit falls apart. Secure aggregation (head-secagg) sends "
-            "its own 64-bit fixed point instead. See docs/benchmarks.md.",
+            "node's own feature mean, each feature scaled by its spread (its feature sum and label counts "
+            "travel exactly); 0 = float32 as they are. 22 bits give the float32 fit on the default task (so do "
+            "16) at 0.71x of float32's bytes, less than one dense adapter update. Secure aggregation "
+            "(head-secagg) sends its own 64-bit fixed point instead. See docs/benchmarks.md.",
             _head_bits,
         ),
         Key(

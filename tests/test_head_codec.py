@@ -71,7 +71,7 @@ def test_real_statistics_round_trip_and_cost_what_exit_bytes_says():
         back = decode(wire, 3, dim + 1, CLASSES, bits)
         for k, v in stats.items():
             np.testing.assert_allclose(back[k], v, rtol=0, atol=1e-4 * np.abs(v).max())
-    assert exit_bytes(dim, CLASSES, 22) < 0.75 * exit_bytes(dim, CLASSES, 0)
+    assert exit_bytes(192, 62, 22) < 0.75 * exit_bytes(192, 62, 0)  # the default task's exits
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_real_statistics_round_trip_and_cost_what_exit_bytes_says():
         (lambda w: w.__setitem__(stat_name(0, GRAM), w[stat_name(0, GRAM)][:-1]), "not 300 numbers of 22 bits"),
         (lambda w: w.__setitem__(stat_name(0, CROSS), w[stat_name(0, CROSS)].astype(np.float32)), "float32"),
         (lambda w: w[stat_name(0, MOMENTS)].__setitem__(0, np.nan), "finite"),
-        (lambda w: w.__setitem__(stat_name(0, MOMENTS), w[stat_name(0, MOMENTS)][:3]), "not 31 float64"),
+        (lambda w: w.__setitem__(stat_name(0, MOMENTS), w[stat_name(0, MOMENTS)][:3]), "not 55 float64"),
     ],
 )
 def test_a_malformed_reply_is_refused_by_name(edit, match):
@@ -105,3 +105,21 @@ def test_the_widest_projection_that_fits_a_budget():
         assert exit_bytes(k, 10, bits) <= 20_000 < exit_bytes(k + 1, 10, bits)
         assert stat_dim(10**9, 10, 192, bits) == 192
     assert stat_dim(20_000, 10, 192, 22) > stat_dim(20_000, 10, 192, 0)
+
+
+def test_features_of_unequal_spread_each_keep_their_precision():
+    """A few features that vary a lot beside many that vary little but tell the classes apart:
+    one scale for the whole scatter would round the small ones away."""
+    stats, n = _stats(spread=1e-3)
+    rng = np.random.default_rng(1)
+    for i in range(DEPTH):
+        g = unpack_gram(stats[stat_name(i, GRAM)])
+        # add sum z z^T for z = 1e3 * noise on 3 features (zero mean: the sums of phi stay as they are)
+        z = rng.normal(0, 1e3, (n, 3))
+        z -= z.mean(axis=0)
+        g[:3, :3] += z.T @ z
+        stats[stat_name(i, GRAM)] = pack_gram(g)
+    counts = {i: n for i in range(DEPTH)}
+    exact = solve_heads(stats, counts, 1e-6)["heads.0.fc.weight"]
+    coded = solve_heads(decode(encode(stats, DEPTH, 22), DEPTH, WIDTH + 1, CLASSES, 22), counts, 1e-6)
+    assert np.abs(coded["heads.0.fc.weight"] - exact).max() < 1e-3 * np.abs(exact).max()
