@@ -25,7 +25,6 @@ import numpy as np
 from .head_fit import CROSS, GRAM, pack_gram, stat_name, unpack_gram
 
 MOMENTS = "moments"
-MIN_BITS, MAX_BITS = 8, 32
 # numbers packed at a time: bounds the (chunk, bits) intermediate at ViT-B's 1.2M numbers per exit
 _CHUNK = 1 << 16
 
@@ -39,7 +38,7 @@ def encode(stats: dict[str, np.ndarray], depth: int, bits: int) -> dict[str, np.
         gram = unpack_gram(np.asarray(stats[stat_name(i, GRAM)], dtype=np.float64))
         cross = np.asarray(stats[stat_name(i, CROSS)], dtype=np.float64)
         total = gram[:, -1]  # sum of phi, the example count last
-        mean = total / total[-1] if total[-1] != 0 else np.zeros_like(total)
+        mean = _mean(total)
         scatter = gram[:-1, :-1] - np.outer(total[:-1], mean[:-1])
         centred = cross[:-1] - np.outer(mean[:-1], cross[-1])
         spread = _spread(scatter)
@@ -74,7 +73,7 @@ def decode(arrays: dict[str, np.ndarray], depth: int, dim: int, classes: int, bi
             raise ValueError(f"{m_name}: scales must be finite and non-negative")
         s_scatter, s_cross = moments[:2]
         total, counts, spread = np.split(moments[2:], [dim, dim + classes])
-        mean = total / total[-1] if total[-1] != 0 else np.zeros_like(total)
+        mean = _mean(total)
         scatter = unpack_gram(_unpack(arrays[g_name], feats * (feats + 1) // 2, bits, g_name) * s_scatter)
         scatter *= np.outer(spread, spread)
         centred = _unpack(arrays[r_name], feats * classes, bits, r_name).reshape(feats, classes) * s_cross
@@ -93,8 +92,8 @@ def exit_bytes(features: int, classes: int, bits: int) -> int:
     dim = features + 1
     if bits == 0:
         return 4 * (dim * (dim + 1) // 2 + dim * classes)
-    packed = lambda count: -(-count * bits // 8)  # noqa: E731
-    return packed(features * (features + 1) // 2) + packed(features * classes) + 8 * (2 + dim + classes + features)
+    scatter, centred = _packed_bytes(features * (features + 1) // 2, bits), _packed_bytes(features * classes, bits)
+    return scatter + centred + 8 * (2 + dim + classes + features)
 
 
 def stat_dim(budget: int, classes: int, width: int, bits: int) -> int:
@@ -103,6 +102,20 @@ def stat_dim(budget: int, classes: int, width: int, bits: int) -> int:
     while k > 1 and exit_bytes(k, classes, bits) > budget:
         k -= 1
     return k
+
+
+def _mean(total: np.ndarray) -> np.ndarray:
+    """phi's mean from its sum (the example count last); zero for a node with no examples."""
+    return total / total[-1] if total[-1] != 0 else np.zeros_like(total)
+
+
+def _packed_bytes(count: int, bits: int) -> int:
+    return -(-count * bits // 8)
+
+
+def _msb_first(bits: int) -> np.ndarray:
+    """The shift of each of a number's `bits` bits, most significant first, as `_pack` lays them out."""
+    return np.arange(bits - 1, -1, -1, dtype=np.uint64)
 
 
 def _spread(scatter: np.ndarray) -> np.ndarray:
@@ -125,7 +138,7 @@ def _round(values: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
 
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     """`bits` bits per number, most significant first, offset to be non-negative."""
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    shifts = _msb_first(bits)
     parts = []
     for start in range(0, len(q), _CHUNK):
         u = (q[start : start + _CHUNK] + (1 << (bits - 1))).astype(np.uint64)
@@ -135,9 +148,9 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 def _unpack(buf: np.ndarray, count: int, bits: int, name: str) -> np.ndarray:
     buf = np.asarray(buf)
-    if buf.dtype != np.uint8 or buf.shape != (-(-count * bits // 8),):
+    if buf.dtype != np.uint8 or buf.shape != (_packed_bytes(count, bits),):
         raise ValueError(f"{name}: {buf.dtype} {buf.shape}, not {count} numbers of {bits} bits")
-    weights = np.uint64(1) << np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    weights = np.uint64(1) << _msb_first(bits)
     flat = np.unpackbits(buf)
     out = np.empty(count, np.float64)
     for start in range(0, count, _CHUNK):

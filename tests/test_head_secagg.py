@@ -176,7 +176,11 @@ def plain(tmp_path_factory):
     dim, classes = fitted["heads.0.fc.weight"].shape[1] + 1, fitted["heads.0.fc.weight"].shape[0]
     stats = {
         r.metadata.src_node_id: head_codec.decode(
-            to_numpy(r.content.array_records["arrays"]), r.content.metric_records["metrics"]["depth"], dim, classes, 32
+            to_numpy(r.content.array_records["arrays"]),
+            r.content.metric_records["metrics"]["depth"],
+            dim,
+            classes,
+            CFG["head-bits"],
         )
         for r in grid.replies
     }
