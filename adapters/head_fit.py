@@ -147,6 +147,7 @@ def solve_heads(
     scale: float = 1.0,
     proj: list | None = None,
     shifts: dict[int, float] | None = None,
+    votes: bool = False,
 ) -> dict[str, np.ndarray]:
     """heads.<i>.fc.weight/bias minimising the mean squared error to one-hot labels + lam |W|^2,
     times `scale`.
@@ -163,6 +164,10 @@ def solve_heads(
     features (`proj`, one matrix per exit: `projections`) give weights on
     the projection, mapped back to phi.
     `shifts` per exit: added to G's diagonal (`dp_shift`, for noisy statistics).
+    `votes`: each head's logits also times its examples over the widest exit's, so that in the
+    exit ensemble (the mean of heads 1..k) a head counts as much as the data it was fitted on:
+    a deep head that only the deep tiers reach is a worse fit alone, and with equal votes it
+    pulled the deep exits below the middle ones (docs/benchmarks.md, section 0).
     """
     heads: dict[str, np.ndarray] = {}
     fitted = {i: n for i, n in counts.items() if n > 0}
@@ -173,7 +178,8 @@ def solve_heads(
     prior = _log_prior(sums, widest) if widest is not None else None
     for i, n in sorted(fitted.items()):
         gram, cross = unpack_gram(sums[stat_name(i, GRAM)]), sums[stat_name(i, CROSS)]
-        w = scale * ridge(gram, cross, n, lam, (shifts or {}).get(i, 0.0))  # (D+1, C)
+        vote = n / fitted[widest] if votes else 1.0
+        w = scale * vote * ridge(gram, cross, n, lam, (shifts or {}).get(i, 0.0))  # (D+1, C)
         bias = w[-1] + prior - _log_prior(sums, i)
         p = None if proj is None else proj[i]
         weight = w[:-1].T if p is None else w[:-1].T @ p

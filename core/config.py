@@ -308,6 +308,14 @@ KEYS: tuple[Key, ...] = (
             _non_negative,
         ),
         Key(
+            "serve-last-fit",
+            True,
+            "With heads 'ridge' and head-refit-every > 0: between refits the server evaluates, checkpoints and "
+            "sends for federated evaluation the adapters of the last head fit (the heads were fitted to their "
+            "features) while the nodes train newer ones; false = the latest round's adapters under heads fitted to "
+            "older ones (3-8 points lower on the characters). See docs/benchmarks.md.",
+        ),
+        Key(
             "ridge-lambda",
             1e-6,
             "Ridge penalty of the closed-form heads, relative to the mean feature outer product.",
@@ -528,6 +536,14 @@ KEYS: tuple[Key, ...] = (
             "head (the paper). See docs/benchmarks.md.",
         ),
         Key(
+            "ensemble-votes",
+            "examples",
+            "With exit-ensemble and closed-form heads: 'examples' weighs each head's logits in the mean by the "
+            "examples its fit saw (a deep head, fitted on the deep tiers' few, counts less); 'equal' = every head "
+            "alike. See docs/benchmarks.md.",
+            choices=("examples", "equal"),
+        ),
+        Key(
             "exit-patch-mean",
             True,
             "Each exit head also reads the mean of its block's patch tokens beside the CLS token (a shallow "
@@ -604,6 +620,17 @@ def clients_train_heads(cfg: dict[str, Any]) -> bool:
     """Whether clients train, and so send, the exit heads: not with `heads = "ridge"`, whose
     heads only the server fits. Client, strategy and codec layout must agree on it."""
     return cfg["heads"] != "ridge"
+
+
+def serves_last_fit(cfg: dict[str, Any]) -> bool:
+    """Whether, between head refits, the server serves the adapters of the last fit rather than the latest
+    round's: only where the heads stay fixed while the adapters train and a refit is coming."""
+    return cfg["serve-last-fit"] and cfg["heads"] == "ridge" and cfg["head-refit-every"] > 0
+
+
+def ensemble_votes(cfg: dict[str, Any]) -> bool:
+    """Whether the closed-form heads are scaled by their examples for the exit ensemble's mean."""
+    return cfg["exit-ensemble"] and cfg["ensemble-votes"] == "examples"
 
 
 def round_lr(cfg: dict[str, Any], server_round: int, num_rounds: int = 0) -> float:

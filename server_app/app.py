@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from adapters.backbone import BackboneError
-from core.config import ConfigError, check_depths, check_heads_privacy, secagg_note, validate
+from core.config import ConfigError, check_depths, check_heads_privacy, secagg_note, serves_last_fit, validate
 from core.records import metrics_or_empty, to_numpy, to_record
 from fedtasks.base import DataError
 from fedtasks.task import load_test
@@ -84,9 +84,14 @@ def run(grid: Grid, user_cfg: dict) -> Path:
     results.write_partition_stats(cfg, run_dir, num_nodes, doc=partitions)
 
     arrays = initial_state(cfg)
+    # What the server evaluates and checkpoints as the run's model: with `serve-last-fit`, the
+    # adapters of the last head fit until the next one (heads fixed while adapters train turn
+    # every round between refits 3-8 points lower on the characters: docs/benchmarks.md).
+    served, served_round = arrays, 0
     start = 1
     if resumed is not None:
         arrays = resumed["arrays"]
+        served, served_round = resumed["served"], resumed["meta"].get("served-round", resumed["round"])
         strategy.load_state_dict(resumed["strategy"])
         checkpoint.restore_rng(resumed["rng"])
         start = resumed["round"] + 1
@@ -111,9 +116,12 @@ def run(grid: Grid, user_cfg: dict) -> Path:
 
     num_rounds = cfg["num-server-rounds"]
     send = Exchange(grid, cfg, run_dir)
+    server_eval, server_eval_of = None, None
     if resumed is None and head_fit.due(cfg, 0):
         arrays, fit = head_fit.fit_heads(grid, send, arrays, cfg, 0)
-        fit["server"] = evaluator(arrays)
+        served = arrays
+        fit["server"] = server_eval = evaluator(arrays)
+        server_eval_of = 0
         head_fit.record(run_dir, fit, cfg)
         log(
             INFO,
@@ -139,15 +147,18 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         if head_fit.due(cfg, server_round):
             arrays, refit = head_fit.fit_heads(grid, send, arrays, cfg, server_round, strategy.node_depth)
             head_fit.record(run_dir, refit, cfg)
+        if refit is not None or not serves_last_fit(cfg):
+            served, served_round = arrays, server_round
         eval_metrics = None
         if cfg["fraction-evaluate"] > 0:
             preflight.await_round_nodes(grid, cfg["min-nodes"], f"round {server_round} evaluate")
             eval_replies = send(
-                strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), grid),
+                strategy.configure_evaluate(server_round, to_record(served), ConfigRecord(), grid),
                 f"round {server_round} evaluate",
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, list(eval_replies))
-        server_eval = evaluator(arrays)
+        if server_eval is None or server_eval_of != served_round:  # the served model unchanged: its accuracy too
+            server_eval, server_eval_of = evaluator(served), served_round
         row = results.round_row(
             server_round,
             seconds=time.time() - t0,
@@ -158,6 +169,7 @@ def run(grid: Grid, user_cfg: dict) -> Path:
             replies=replies,
             sizes=sizes,
             head_fit_bytes_up=refit["bytes-up"] if refit is not None else 0,
+            served_round=served_round,
         )
         row["duplicate-partition-ids"] = duplicate_partitions(replies)
         warn_duplicates(f"round {server_round}", row["duplicate-partition-ids"])
@@ -165,13 +177,14 @@ def run(grid: Grid, user_cfg: dict) -> Path:
         log(INFO, results.format_round(row, num_rounds))
         if server_round % cfg["checkpoint-every"] == 0 or server_round == num_rounds:
             # The round's row goes in too: a crash that cuts its line in results.jsonl loses nothing.
-            extra = {"run-dir": str(run_dir), "config": cfg, "row": row}
-            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), extra)
+            extra = {"run-dir": str(run_dir), "config": cfg, "row": row, "served-round": served_round}
+            checkpoint.save(run_dir, server_round, arrays, strategy.state_dict(), extra, served)
 
-    path = results.save_weights(run_dir, arrays, {"config": cfg, "num-blocks": model.num_blocks})
+    # the last round always refits: `served` is then `arrays`
+    path = results.save_weights(run_dir, served, {"config": cfg, "num-blocks": model.num_blocks})
     log(INFO, "Done: final adapter weights in %s, per-round results in %s", path, run_dir / results.RESULTS)
     # anytime.json, personalisation round (personalization.json), PNG plots
-    finish_run(grid, cfg, model, test_set, arrays, run_dir, send, strategy.node_depth)
+    finish_run(grid, cfg, model, test_set, served, run_dir, send, strategy.node_depth)
     return run_dir
 
 

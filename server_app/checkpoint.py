@@ -64,14 +64,23 @@ def restore_rng(rng: dict) -> None:
 
 
 def save(
-    run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], strategy_state: dict[str, np.ndarray], extra: dict
+    run_dir: Path,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    strategy_state: dict[str, np.ndarray],
+    extra: dict,
+    served: dict[str, np.ndarray] | None = None,
 ) -> Path:
+    """`served`: the arrays the server serves between head refits (`serve-last-fit`) where they are
+    not `arrays`; only the entries that differ are stored."""
     path = Path(run_dir) / NAME
     tmp = path.with_suffix(".tmp.npz")
     header, rng_arrays = rng_state()
     meta = {"format": FORMAT, "round": server_round, "rng": header, **extra}
     payload = {f"a/{k}": v for k, v in arrays.items()}
     payload.update({f"s/{k}": v for k, v in strategy_state.items()})
+    if served is not None:
+        payload.update({f"v/{k}": v for k, v in served.items() if not np.array_equal(v, arrays.get(k))})
     payload.update({f"r/{k}": v for k, v in rng_arrays.items()})
     payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with open(tmp, "wb") as fh:
@@ -106,6 +115,7 @@ def load(run_dir: Path) -> dict | None:
                 )
             arrays = {k[2:]: z[k] for k in z.files if k.startswith("a/")}
             state = {k[2:]: z[k] for k in z.files if k.startswith("s/")}
+            served = {**arrays, **{k[2:]: z[k] for k in z.files if k.startswith("v/")}}
             rng = {"header": meta["rng"], "arrays": {k[2:]: z[k] for k in z.files if k.startswith("r/")}}
     except CheckpointError:
         raise
@@ -117,4 +127,6 @@ def load(run_dir: Path) -> dict | None:
         ) from None
     if set(rng["arrays"]) != {"python", "numpy", "torch"}:
         raise CheckpointError(f"{path}: checkpoint lacks the RNG states (python, numpy, torch)")
-    return {"round": meta["round"], "meta": meta, "arrays": arrays, "strategy": state, "rng": rng}
+    if set(served) != set(arrays):
+        raise CheckpointError(f"{path}: its served arrays name entries its arrays lack")
+    return {"round": meta["round"], "meta": meta, "arrays": arrays, "served": served, "strategy": state, "rng": rng}

@@ -40,7 +40,7 @@ from adapters.head_fit import (
     solve_heads,
     stat_name,
 )
-from core.config import clients_train_heads, head_fit_rounds
+from core.config import clients_train_heads, ensemble_votes, head_fit_rounds
 from core.messages import by_depth, reply_node
 from core.naming import sent_up_to
 from core.records import arrays_of, metrics_or_empty, to_numpy
@@ -108,7 +108,8 @@ def fit_heads(
         sums, counts, shifts, part = _plain_sums(
             grid, send, arrays, node_depth, config, label, cfg, k + 1, bounds, noise
         )
-    fitted = {**arrays, **solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj, shifts)}
+    heads = solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"], proj, shifts, ensemble_votes(cfg))
+    fitted = {**arrays, **heads}
     summary = {
         "after-round": server_round,
         # the federation's training labels per class: personalisation moves heads from this prior to a node's

@@ -183,9 +183,11 @@ def round_row(
     replies,
     sizes: dict,
     head_fit_bytes_up: int = 0,
+    served_round: int | None = None,
 ) -> dict:
     """One round's line of results.jsonl: the server's test accuracy, what the strategy
-    accepted (`stats`), each replying client's own figures, and the bytes moved."""
+    accepted (`stats`), each replying client's own figures, and the bytes moved. `served-round`:
+    the round whose adapters the server evaluated (`serve-last-fit`: the last head fit's)."""
     per_client = []
     for msg in replies:
         if msg.has_error():
@@ -208,6 +210,7 @@ def round_row(
         "train": dict(train_metrics) if train_metrics is not None else {},
         "federated-eval": dict(eval_metrics) if eval_metrics is not None else {},
         "head-fit-bytes-up": head_fit_bytes_up,
+        "served-round": server_round if served_round is None else served_round,
     }
 
 
@@ -219,8 +222,10 @@ def format_round(row: dict, num_rounds: int) -> str:
     accs = " ".join(f"{a:.2f}" for a in row["server"]["accuracy"])
     tiers = " ".join(f"d{d}:{n}" for d, n in row["clients-per-depth"].items())
     heads = f" + head statistics up {row['head-fit-bytes-up'] / 1e6:.2f} MB" if row.get("head-fit-bytes-up") else ""
+    served = row.get("served-round", row["round"])
+    model = f" (round {served}'s adapters, the last head fit)" if served != row["round"] else ""
     return (
-        f"round {row['round']}/{num_rounds} | test acc per exit: {accs} | clients {row['clients']} ({tiers})"
+        f"round {row['round']}/{num_rounds} | test acc per exit{model}: {accs} | clients {row['clients']} ({tiers})"
         f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
         f"down {row['bytes-down'] / 1e6:.2f} MB{heads} | {row['seconds']:.1f}s"
     )

@@ -114,6 +114,34 @@ def test_a_deep_exit_fitted_on_fewer_nodes_moves_to_the_federations_label_prior(
     np.testing.assert_allclose(heads["heads.1.fc.bias"] - alone["heads.0.fc.bias"], federation - own, rtol=1e-5)
 
 
+def test_votes_weigh_each_head_by_the_examples_its_fit_saw(model):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(60, 1, 28, 28, generator=g)
+    deep = TensorDataset(x[:20], torch.tensor([0, 1, 2, 3] * 5))  # a depth-2 node
+    shallow = TensorDataset(x[20:], torch.tensor([0, 1, 2, 3] * 10))  # a depth-1 node, twice its examples
+    sd, nd = exit_statistics(model, DataLoader(deep, batch_size=20), 2)
+    ss, ns = exit_statistics(model, DataLoader(shallow, batch_size=40), 1)
+    sums = {k: v + ss[k] if k in ss else v for k, v in sd.items()}
+    counts = {0: nd + ns, 1: nd}
+    equal = solve_heads(sums, counts, 1e-3, scale=3.0)
+    voted = solve_heads(sums, counts, 1e-3, scale=3.0, votes=True)
+    for k in ("weight", "bias"):
+        np.testing.assert_array_equal(voted[f"heads.0.fc.{k}"], equal[f"heads.0.fc.{k}"])
+    # exit 2 saw a third of exit 1's examples: its vote in the ensemble's mean is a third (the labels are
+    # balanced on both nodes, so no prior shift is added to the bias)
+    for k in ("weight", "bias"):
+        np.testing.assert_allclose(voted[f"heads.1.fc.{k}"], equal[f"heads.1.fc.{k}"] / 3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ensemble, votes, scaled", [(True, "examples", True), (True, "equal", False), (False, "examples", False)]
+)
+def test_votes_apply_to_the_exit_ensemble_only(ensemble, votes, scaled):
+    from core.config import ensemble_votes
+
+    assert ensemble_votes(validate({"exit-ensemble": ensemble, "ensemble-votes": votes})) is scaled
+
+
 def _cfg(tmp_path, **over):
     return {
         "task": "digits",

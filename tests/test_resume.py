@@ -148,3 +148,32 @@ def test_ctrl_c_while_checkpointing_then_resume_reruns_that_round_once(
     assert [r["round"] for r in results.read_rows(run_dir)] == [1, 2]
     assert _rows_text(run_dir)[0] == row1
     assert checkpoint.load(run_dir)["round"] == 2
+
+
+def test_between_refits_the_last_fits_adapters_are_served_and_a_resume_restores_them(
+    fake_grid, tmp_path, fresh_adapters
+):
+    # refits before round 1 and after round 3 (the last): rounds 1 and 2 serve the fit before round 1
+    cfg = {**BASE, "output-dir": str(tmp_path), "topk-fraction": 1.0, "num-server-rounds": 3, "head-refit-every": 5}
+    fresh_adapters()
+    full = results.read_rows(run(fake_grid(NODES, cfg), {**cfg, "run-name": "full"}))
+    assert [r["served-round"] for r in full] == [0, 0, 3]
+    fit0 = json.loads((tmp_path / "full" / "head_fit.json").read_text())["fits"][0]["server"]["accuracy"]
+    assert full[0]["server"]["accuracy"] == full[1]["server"]["accuracy"] == fit0
+
+    fresh_adapters()
+    with pytest.raises(KeyboardInterrupt):
+        run(fake_grid(NODES, cfg, interrupt_at_round=2), {**cfg, "run-name": "cut"})
+    saved = checkpoint.load(tmp_path / "cut")
+    assert saved["round"] == 1 and saved["meta"]["served-round"] == 0
+    differ = [k for k in saved["arrays"] if not np.array_equal(saved["arrays"][k], saved["served"][k])]
+    assert differ and all(not k.startswith("heads.") for k in differ)  # round 1's adapters, the same heads
+    run(fake_grid(NODES, cfg), {**cfg, "run-name": "cut", "resume": True})
+    cut = results.read_rows(tmp_path / "cut")
+    assert [r["server"]["accuracy"] for r in cut] == [r["server"]["accuracy"] for r in full]
+    assert [r["served-round"] for r in cut] == [0, 0, 3]
+
+    fresh_adapters()
+    latest = results.read_rows(run(fake_grid(NODES, cfg), {**cfg, "run-name": "latest", "serve-last-fit": False}))
+    assert [r["served-round"] for r in latest] == [1, 2, 3]
+    assert latest[-1]["server"]["accuracy"] == full[-1]["server"]["accuracy"]  # the same training either way
