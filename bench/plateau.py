@@ -35,7 +35,8 @@ from adapters.build import build_model
 from adapters.head_fit import exit_statistics, projections, solve_heads
 from adapters.state import get_state, set_state, trainable_names
 from adapters.training import TrainSettings, evaluate, local_optimizer, train_local
-from core.config import defaults, parse_tiers, validate
+from client_app.tiers import tier_of
+from core.config import defaults, ensemble_votes, parse_tiers, validate
 from core.naming import sent_up_to
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
@@ -109,8 +110,9 @@ def main(argv=None) -> int:
     val = ConcatDataset([va for _, va in parts])
     test = load_test(cfg, spec)
     tiers = parse_tiers(cfg)
-    # the run's "even" tier assignment; central training runs every block
-    depths = [max(tiers) if args.central else tiers[pid * len(tiers) // nodes] for pid in range(nodes)]
+    # the nodes' own tier assignment (until 2026-12-07 this took contiguous blocks of partitions per
+    # tier, not the run's partition-id modulo tiers); central training runs every block
+    depths = [max(tiers) if args.central else tiers[tier_of(pid, nodes, cfg)] for pid in range(nodes)]
     bs = cfg["eval-batch-size"]
     names = trainable_names(model)
     t0 = time.time()
@@ -128,7 +130,10 @@ def main(argv=None) -> int:
                 sums[k] = sums.get(k, 0) + v.astype(np.float64)
             for i in range(depths[pid]):
                 counts[i] = counts.get(i, 0) + n
-        set_state(model, solve_heads(sums, counts, lam or cfg["ridge-lambda"], cfg["ridge-scale"], proj))
+        set_state(
+            model,
+            solve_heads(sums, counts, lam or cfg["ridge-lambda"], cfg["ridge-scale"], proj, votes=ensemble_votes(cfg)),
+        )
 
     def record(r: int, when: str) -> None:
         t = np.array(evaluate(model, DataLoader(test, batch_size=bs), max(depths))["accuracy"])

@@ -317,3 +317,20 @@ def test_heads_secagg_reports_bytes_seconds_and_the_heads_difference(tmp_path):
     assert 1.9 * plain["bytes-up-per-node"] < secure["bytes-up-per-node"] < 2.2 * plain["bytes-up-per-node"]
     assert set(secure["bytes-up-per-stage-per-node"]) == {"keys", "shares", "masked", "unmask"}
     assert secure["accuracy"] == plain["accuracy"]
+
+
+def test_votes_weighs_the_ensemble_and_p0_is_the_plain_mean(tmp_path):
+    import votes
+
+    out = tmp_path / "votes.json"
+    argv = ["--nodes", "4", "--powers", "0,1", "--run-config", "task='digits'", "tiers='1,3'", "--out", str(out)]
+    assert votes.main(argv) == 0
+    report = json.loads(out.read_text())
+    # partitions 0 and 2 run one block, 1 and 3 three: exits 2-3 see about half of exit 1's examples
+    n = report["examples-per-exit"]
+    assert len(n) == 3 and n[1] == n[2] and 0.3 * n[0] < n[1] < 0.7 * n[0]
+    rows = report["rows"]
+    assert [r["power"] for r in rows] == [0.0, 1.0]
+    # exit 1 is its own head under any weighting; deeper exits read a different mean
+    assert rows[0]["test-per-exit"][0] == rows[1]["test-per-exit"][0]
+    assert all(len(r["val-per-exit"]) == 3 and 0 <= r["test-mean"] <= 1 for r in rows)
