@@ -224,8 +224,12 @@ def format_round(row: dict, num_rounds: int) -> str:
     heads = f" + head statistics up {row['head-fit-bytes-up'] / 1e6:.2f} MB" if row.get("head-fit-bytes-up") else ""
     served = row.get("served-round", row["round"])
     model = f" (round {served}'s adapters, the last head fit)" if served != row["round"] else ""
+    # the served model stands still between head fits; the nodes' training loss shows the rounds' progress
+    losses = [v for k, v in row.get("train", {}).items() if k.startswith("train-loss-")]
+    loss = f" | train loss {sum(losses) / len(losses):.3f}" if losses else ""
     return (
-        f"round {row['round']}/{num_rounds} | test acc per exit{model}: {accs} | clients {row['clients']} ({tiers})"
+        f"round {row['round']}/{num_rounds} | test acc per exit{model}: {accs}{loss} "
+        f"| clients {row['clients']} ({tiers})"
         f"{' dropped ' + str(row['dropped']) if row['dropped'] else ''} | up {row['bytes-up'] / 1e6:.2f} MB "
         f"down {row['bytes-down'] / 1e6:.2f} MB{heads} | {row['seconds']:.1f}s"
     )

@@ -12,7 +12,7 @@ import pytest
 
 from core.config import ConfigError
 from server_app.app import RunFailed, in_partition_order, main, run
-from server_app.results import round_row
+from server_app.results import format_round, round_row
 from strategies.depth_fedavg import RoundStats
 from tests.checks import TINY, one_line
 
@@ -59,6 +59,27 @@ def test_a_round_counts_the_bytes_of_accepted_updates_only():
         sizes={"dense-adapter-bytes": 1, "full-finetune-bytes": 2},
     )
     assert row["bytes-up"] == 100 and row["dropped"] == 1 and row["clients-per-depth"] == {"3": 1}
+
+
+def test_a_round_line_names_the_served_adapters_and_the_training_loss():
+    stats = RoundStats(depths=[3], bytes_up=100, dropped_reasons=[], dropped_nodes=[])
+    row = round_row(
+        7,
+        seconds=1.0,
+        server_eval={"accuracy": [0.5, 0.6]},
+        stats=stats,
+        train_metrics={"train-loss-1": 2.0, "train-loss-2": 3.0, "num-examples": 10},
+        eval_metrics=None,
+        replies=[],
+        sizes={"dense-adapter-bytes": 1, "full-finetune-bytes": 2},
+        served_round=5,
+    )
+    assert row["served-round"] == 5
+    line = format_round(row, 15)
+    # between head fits the served accuracy stands still: the line says whose it is, and the loss moves
+    assert "round 7/15 | test acc per exit (round 5's adapters, the last head fit): 0.50 0.60" in line
+    assert "train loss 2.500" in line
+    assert "adapters" not in format_round({**row, "served-round": 7}, 15)
 
 
 def test_aggregation_does_not_depend_on_the_order_replies_arrive():
