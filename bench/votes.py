@@ -3,7 +3,7 @@ under the run config's tiers, exit k predicting with the mean of heads 1..k's lo
 weighed by (its examples / exit 1's) ** p; p = 0 is every head alike, p = 1 `ensemble-votes =
 "examples"`. Chosen on the clients' validation splits; test beside it.
 
-The features of the untouched backbone are computed once; each node's statistics are those of
+Each head's own logits on the untouched backbone are computed once; each node's statistics are those of
 its depth (`tier-assignment`, as the nodes choose it), summed as the server sums them.
 
     python bench/votes.py                     # the default task and tiers
@@ -21,35 +21,27 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from adapters.build import build_model
 from adapters.head_fit import exit_statistics, solve_heads
+from adapters.state import set_state
 from client_app.tiers import tier_of
 from core.config import defaults, parse_tiers, validate
 from fedtasks.task import load_partition, load_test
 from runtime.models import model_and_spec
 
 
-def exit_features(model, ds, depth: int, bs: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Each exit's fc input over `ds` (float64) and the labels."""
-    feats: dict[int, list] = {i: [] for i in range(depth)}
-    hooks = [
-        model.heads[i].fc.register_forward_hook(lambda _m, inp, _o, i=i: feats[i].append(inp[0].double()))
-        for i in range(depth)
-    ]
-    ys = []
+def own_logits(model, ds, depth: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each head's own logits over `ds` (the model built without the ensemble), (exits, n, classes),
+    and the labels."""
+    logits, ys = [], []
     with torch.no_grad():
         for x, y in DataLoader(ds, batch_size=bs):
-            model(x, depth=depth)
+            logits.append(torch.stack(model(x, depth=depth)).double())
             ys.append(y)
-    for h in hooks:
-        h.remove()
-    return [torch.cat(feats[i]).numpy() for i in range(depth)], torch.cat(ys).numpy()
+    return torch.cat(logits, dim=1).numpy(), torch.cat(ys).numpy()
 
 
-def ensemble_accuracy(heads: dict, feats: list[np.ndarray], y: np.ndarray, votes: np.ndarray) -> np.ndarray:
-    logits = (
-        np.stack([f @ heads[f"heads.{i}.fc.weight"].T + heads[f"heads.{i}.fc.bias"] for i, f in enumerate(feats)])
-        * votes[:, None, None]
-    )
-    mean = np.cumsum(logits, axis=0) / np.cumsum(votes)[:, None, None]
+def ensemble_accuracy(logits: np.ndarray, y: np.ndarray, votes: np.ndarray) -> np.ndarray:
+    """Accuracy per exit of the votes-weighted running mean of the heads' logits."""
+    mean = np.cumsum(logits * votes[:, None, None], axis=0) / np.cumsum(votes)[:, None, None]
     return (mean.argmax(-1) == y).mean(axis=1)
 
 
@@ -60,11 +52,13 @@ def main(argv=None) -> int:
     ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(RESULTS / "votes_chars.json"))
     args = ap.parse_args(argv)
+    report = Report("votes", args)  # from here: its seconds are the whole measurement's
     torch.set_num_threads(1)
     cfg = validate({**defaults(), **parse_overrides(args.run_config)})
     base, spec = model_and_spec(cfg)
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg, base.num_classes).eval()
+    # each head's own logits: the weighted means are taken here
+    model = build_model({**cfg, "exit-ensemble": False}, base.num_classes).eval()
     tiers, bs = parse_tiers(cfg), cfg["eval-batch-size"]
     depth = max(tiers)
     parts = [load_partition(cfg, spec, pid, args.nodes) for pid in range(args.nodes)]
@@ -76,16 +70,15 @@ def main(argv=None) -> int:
             sums[k] = sums.get(k, 0) + v
         for i in range(d):
             counts[i] = counts.get(i, 0) + n
-    heads = solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"])
+    set_state(model, solve_heads(sums, counts, cfg["ridge-lambda"], cfg["ridge-scale"]))
     examples = np.array([counts[i] for i in range(depth)], dtype=np.float64)
-    val = exit_features(model, ConcatDataset([va for _, va in parts]), depth, bs)
-    test = exit_features(model, load_test(cfg, spec), depth, bs)
-    report = Report("votes", args)
+    val = own_logits(model, ConcatDataset([va for _, va in parts]), depth, bs)
+    test = own_logits(model, load_test(cfg, spec), depth, bs)
     report["examples-per-exit"] = examples.astype(int).tolist()
     report["rows"] = rows = []
     for p in [float(x) for x in args.powers.split(",")]:
-        votes = (examples / examples[0]) ** p
-        v, t = ensemble_accuracy(heads, *val, votes), ensemble_accuracy(heads, *test, votes)
+        votes = (examples / examples.max()) ** p  # as solve_heads scales them at p = 1
+        v, t = ensemble_accuracy(*val, votes), ensemble_accuracy(*test, votes)
         rows.append(
             {
                 "power": p,
